@@ -1,0 +1,103 @@
+// Python bindings of mmr_ext._C: validates tensors and dispatches to the CPU or CUDA backend.
+#include "ops.h"
+
+#include <torch/extension.h>
+
+namespace {
+
+void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ", a.device(), " and ",
+              b.device());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn, " must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+}
+
+void check_rows(const at::Tensor& f, const at::Tensor& rows, double q) {
+  check_floating(rows, "rows");
+  check_same(f, rows, "f", "rows");
+  TORCH_CHECK(rows.dim() == 3, "rows must be 3-D [Br, R, D], got shape ", rows.sizes());
+  TORCH_CHECK(f.dim() == 2 && f.size(1) == rows.size(1), "f must be 2-D [B, ", rows.size(1),
+              "] (one entry per row and sample), got shape ", f.sizes());
+  TORCH_CHECK(rows.size(0) == 1 || rows.size(0) == f.size(0), "rows must hold one row set per sample (",
+              f.size(0), ") or one shared set, got ", rows.size(0));
+  TORCH_CHECK(q >= 1.0, "q must be >= 1 (or inf), got ", q);
+}
+
+std::tuple<at::Tensor, at::Tensor> row_distances(const at::Tensor& f, const at::Tensor& rows, double q,
+                                                 bool is_signed) {
+  check_rows(f, rows, q);
+#ifdef WITH_CUDA
+  if (rows.is_cuda()) return mmr::row_distances_cuda(f, rows, q, is_signed);
+#endif
+  TORCH_CHECK(rows.is_cpu(), "row_distances: no backend for device ", rows.device());
+  return mmr::row_distances_cpu(f, rows, q, is_signed);
+}
+
+std::tuple<at::Tensor, at::Tensor> row_distances_backward(const at::Tensor& grad, const at::Tensor& f,
+                                                          const at::Tensor& rows, const at::Tensor& dist,
+                                                          const at::Tensor& norm, double q, bool is_signed) {
+  check_rows(f, rows, q);
+  check_same(grad, rows, "grad", "rows");
+  check_same(dist, rows, "dist", "rows");
+  check_same(norm, rows, "norm", "rows");
+  TORCH_CHECK(grad.sizes() == f.sizes() && dist.sizes() == f.sizes(), "grad and dist must have the shape of f");
+  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == rows.size(0) && norm.size(1) == rows.size(1),
+              "norm must have shape [Br, R]");
+#ifdef WITH_CUDA
+  if (rows.is_cuda()) return mmr::row_distances_backward_cuda(grad, f, rows, dist, norm, q, is_signed);
+#endif
+  TORCH_CHECK(rows.is_cpu(), "row_distances_backward: no backend for device ", rows.device());
+  return mmr::row_distances_backward_cpu(grad, f, rows, dist, norm, q, is_signed);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_hinge(const at::Tensor& dist, int64_t k, double gamma) {
+  check_floating(dist, "dist");
+  TORCH_CHECK(dist.dim() == 2, "dist must be 2-D [B, N], got shape ", dist.sizes());
+  TORCH_CHECK(k >= 1 && k <= dist.size(1), "k must be in [1, ", dist.size(1), "], got ", k);
+  TORCH_CHECK(gamma > 0.0, "gamma must be positive, got ", gamma);
+#ifdef WITH_CUDA
+  if (dist.is_cuda()) return mmr::topk_hinge_cuda(dist, k, gamma);
+#endif
+  TORCH_CHECK(dist.is_cpu(), "topk_hinge: no backend for device ", dist.device());
+  return mmr::topk_hinge_cpu(dist, k, gamma);
+}
+
+at::Tensor topk_hinge_backward(const at::Tensor& grad, const at::Tensor& dist, const at::Tensor& index,
+                               double gamma) {
+  check_same(grad, dist, "grad", "dist");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.dim() == 2 && index.size(0) == dist.size(0),
+              "index must be int64 [B, k]");
+#ifdef WITH_CUDA
+  if (dist.is_cuda()) return mmr::topk_hinge_backward_cuda(grad, dist, index, gamma);
+#endif
+  TORCH_CHECK(dist.is_cpu(), "topk_hinge_backward: no backend for device ", dist.device());
+  return mmr::topk_hinge_backward_cpu(grad, dist, index, gamma);
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Native kernels of mmr_ext (row dual-norm distances, top-k hinge).";
+  m.def("row_distances", &row_distances, "Row distances |f| / ||row||_q (signed: f / ||row||_q) and row norms",
+        py::arg("f"), py::arg("rows"), py::arg("q"), py::arg("is_signed"));
+  m.def("row_distances_backward", &row_distances_backward, "Backward of row_distances", py::arg("grad"),
+        py::arg("f"), py::arg("rows"), py::arg("dist"), py::arg("norm"), py::arg("q"), py::arg("is_signed"));
+  m.def("topk_hinge", &topk_hinge, "Per-sample mean hinge over the k smallest distances, and their indices",
+        py::arg("dist"), py::arg("k"), py::arg("gamma"));
+  m.def("topk_hinge_backward", &topk_hinge_backward, "Backward of topk_hinge", py::arg("grad"), py::arg("dist"),
+        py::arg("index"), py::arg("gamma"));
+  m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA backend");
+}

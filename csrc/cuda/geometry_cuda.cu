@@ -1,0 +1,228 @@
+// CUDA backend of the row-distance and top-k hinge ops (arithmetic in ../geometry.h).
+// Launch shapes: one warp per row for the row ops; one block per sample for the top-k hinge,
+// whose selection ranks every entry by counting (strict total order, so ranks are unique and
+// the selected indices come out sorted and deterministic).
+#include "../geometry.h"
+#include "../ops.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace mmr {
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kRowsPerBlock = 8;
+constexpr int kTopkThreads = 256;
+
+unsigned int row_blocks(int64_t R) { return static_cast<unsigned int>((R + kRowsPerBlock - 1) / kRowsPerBlock); }
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_combine(NormKind kind, T v) {
+  for (int off = kWarp / 2; off > 0; off /= 2) v = norm_combine<T>(kind, v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ acc_t warp_row_norm(const scalar_t* row, int64_t D, NormKind kind, acc_t q, int lane) {
+  acc_t acc = 0;
+  for (int64_t i = lane; i < D; i += kWarp) acc = norm_accumulate<acc_t>(kind, acc, static_cast<acc_t>(row[i]));
+  acc = warp_combine<acc_t>(kind, acc);
+  acc_t general_sum = 0;
+  if (kind == NormKind::General) {
+    for (int64_t i = lane; i < D; i += kWarp) general_sum += general_term<acc_t>(static_cast<acc_t>(row[i]), acc, q);
+    general_sum = warp_sum<acc_t>(general_sum);
+  }
+  return norm_finalize<acc_t>(kind, acc, general_sum, q);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void row_norms_kernel(const scalar_t* __restrict__ rows, scalar_t* __restrict__ norm, int64_t rows_total,
+                                 int64_t D, NormKind kind, acc_t q) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (t >= rows_total) return;
+  const acc_t n = warp_row_norm<scalar_t, acc_t>(rows + t * D, D, kind, q, threadIdx.x);
+  if (threadIdx.x == 0) norm[t] = static_cast<scalar_t>(n);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void distances_kernel(const scalar_t* __restrict__ f, const scalar_t* __restrict__ norm,
+                                 scalar_t* __restrict__ dist, int64_t B, int64_t Br, int64_t R, bool is_signed) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= B * R) return;
+  const int64_t b = t / R, r = t % R;
+  const acc_t n = static_cast<acc_t>(norm[(Br == 1 ? 0 : b) * R + r]);
+  const acc_t fv = static_cast<acc_t>(f[t]);
+  dist[t] = static_cast<scalar_t>(is_signed ? signed_distance<acc_t>(fv, n) : hyperplane_distance<acc_t>(fv, n));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void row_distances_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ f,
+                                              const scalar_t* __restrict__ rows, const scalar_t* __restrict__ dist,
+                                              const scalar_t* __restrict__ norm, scalar_t* __restrict__ grad_f,
+                                              scalar_t* __restrict__ grad_rows, int64_t B, int64_t Br, int64_t R,
+                                              int64_t D, NormKind kind, acc_t q, bool is_signed) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (t >= Br * R) return;
+  const int lane = threadIdx.x;
+  const int64_t br = t / R, r = t % R;
+  const acc_t n = static_cast<acc_t>(norm[t]);
+  if (!(n > acc_t(0))) return;  // outputs were zero-initialised
+  const int64_t b_begin = Br == 1 ? 0 : br, b_end = Br == 1 ? B : br + 1;
+  acc_t coeff = 0;
+  for (int64_t b = b_begin + lane; b < b_end; b += kWarp) {
+    const acc_t g = static_cast<acc_t>(grad[b * R + r]);
+    if (g == acc_t(0)) continue;
+    const acc_t fv = static_cast<acc_t>(f[b * R + r]);
+    grad_f[b * R + r] = static_cast<scalar_t>(g * (is_signed ? acc_t(1) : sign_of(fv)) / n);
+    coeff -= g * static_cast<acc_t>(dist[b * R + r]) / n;
+  }
+  coeff = warp_sum<acc_t>(coeff);
+  if (coeff == acc_t(0)) return;
+  const scalar_t* row = rows + t * D;
+  acc_t ties = 1;
+  if (kind == NormKind::Linf) {
+    acc_t count = 0;
+    for (int64_t i = lane; i < D; i += kWarp) count += abs_val(static_cast<acc_t>(row[i])) == n ? acc_t(1) : acc_t(0);
+    ties = warp_sum<acc_t>(count);
+  }
+  for (int64_t i = lane; i < D; i += kWarp) {
+    grad_rows[t * D + i] = static_cast<scalar_t>(coeff * norm_grad<acc_t>(kind, static_cast<acc_t>(row[i]), n, q, ties));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void topk_hinge_kernel(const scalar_t* __restrict__ dist, scalar_t* __restrict__ value,
+                                  int64_t* __restrict__ index, int64_t N, int64_t k, acc_t gamma) {
+  const int64_t b = blockIdx.x;
+  const scalar_t* row = dist + b * N;
+  __shared__ acc_t partial[kTopkThreads];
+  acc_t total = 0;
+  for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+    const acc_t di = static_cast<acc_t>(row[i]);
+    int64_t rank = 0;
+    for (int64_t j = 0; j < N && rank < k; ++j) rank += ranks_before<acc_t>(static_cast<acc_t>(row[j]), j, di, i) ? 1 : 0;
+    if (rank < k) {
+      index[b * k + rank] = i;
+      total += hinge<acc_t>(di, gamma);
+    }
+  }
+  partial[threadIdx.x] = total;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) value[b] = static_cast<scalar_t>(partial[0] / static_cast<acc_t>(k));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void topk_hinge_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ dist,
+                                           const int64_t* __restrict__ index, scalar_t* __restrict__ grad_dist,
+                                           int64_t B, int64_t N, int64_t k, acc_t gamma) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= B * k) return;
+  const int64_t b = t / k;
+  const int64_t j = index[t];
+  const acc_t g = static_cast<acc_t>(grad[b]) / static_cast<acc_t>(k);
+  grad_dist[b * N + j] = static_cast<scalar_t>(g * hinge_grad<acc_t>(static_cast<acc_t>(dist[b * N + j]), gamma));
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> row_distances_cuda(const at::Tensor& f_in, const at::Tensor& rows_in,
+                                                      double q, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const at::Tensor f = f_in.contiguous(), rows = rows_in.contiguous();
+  const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
+  at::Tensor dist = at::empty({B, R}, f.options());
+  at::Tensor norm = at::empty({Br, R}, f.options());
+  if (B * R == 0) return {dist, norm};
+  const NormKind kind = norm_kind(q);
+  const dim3 block(kWarp, kRowsPerBlock);
+  const int threads = 256;
+  const unsigned int dist_blocks = static_cast<unsigned int>((B * R + threads - 1) / threads);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    row_norms_kernel<scalar_t, acc_t><<<row_blocks(Br * R), block, 0, stream>>>(
+        rows.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), Br * R, D, kind, static_cast<acc_t>(q));
+    distances_kernel<scalar_t, acc_t><<<dist_blocks, threads, 0, stream>>>(
+        f.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(), B, Br, R, is_signed);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dist, norm};
+}
+
+std::tuple<at::Tensor, at::Tensor> row_distances_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& rows_in, const at::Tensor& dist_in,
+    const at::Tensor& norm_in, double q, bool is_signed) {
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const at::Tensor grad = grad_in.contiguous(), f = f_in.contiguous(), rows = rows_in.contiguous();
+  const at::Tensor dist = dist_in.contiguous(), norm = norm_in.contiguous();
+  const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
+  at::Tensor grad_f = at::zeros_like(f);
+  at::Tensor grad_rows = at::zeros_like(rows);
+  if (Br * R == 0) return {grad_f, grad_rows};
+  const NormKind kind = norm_kind(q);
+  const dim3 block(kWarp, kRowsPerBlock);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    row_distances_backward_kernel<scalar_t, acc_t><<<row_blocks(Br * R), block, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(),
+        norm.data_ptr<scalar_t>(), grad_f.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), B, Br, R, D, kind,
+        static_cast<acc_t>(q), is_signed);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_f, grad_rows};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_hinge_cuda(const at::Tensor& dist_in, int64_t k, double gamma) {
+  const c10::cuda::CUDAGuard guard(dist_in.device());
+  const at::Tensor dist = dist_in.contiguous();
+  const int64_t B = dist.size(0), N = dist.size(1);
+  at::Tensor value = at::empty({B}, dist.options());
+  at::Tensor index = at::empty({B, k}, dist.options().dtype(at::kLong));
+  if (B == 0) return {value, index};
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "topk_hinge_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    topk_hinge_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(B), kTopkThreads, 0,
+                                         at::cuda::getCurrentCUDAStream()>>>(
+        dist.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), N, k,
+        static_cast<acc_t>(gamma));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {value, index};
+}
+
+at::Tensor topk_hinge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& dist_in, const at::Tensor& index_in,
+                                    double gamma) {
+  const c10::cuda::CUDAGuard guard(dist_in.device());
+  const at::Tensor grad = grad_in.contiguous(), dist = dist_in.contiguous(), index = index_in.contiguous();
+  const int64_t B = dist.size(0), N = dist.size(1), k = index.size(1);
+  at::Tensor grad_dist = at::zeros_like(dist);
+  if (B * k == 0) return grad_dist;
+  const int threads = 256;
+  const unsigned int blocks = static_cast<unsigned int>((B * k + threads - 1) / threads);
+  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "topk_hinge_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    topk_hinge_backward_kernel<scalar_t, acc_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), grad_dist.data_ptr<scalar_t>(),
+        B, N, k, static_cast<acc_t>(gamma));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_dist;
+}
+
+}  // namespace mmr

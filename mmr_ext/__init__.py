@@ -1,0 +1,33 @@
+"""mmr_ext: training and certifying ReLU networks that are provably robust in every lp-norm.
+
+Implements MMR (Croce, Andriushchenko & Hein 2019) and MMR-Universal (Croce & Hein 2020) with
+native (C++/CUDA) kernels for the linear-region geometry. See README.md and MATH.md.
+"""
+import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
+
+from .box import box_distance, box_min_distance
+from .geometry import region_distances
+from .layers import Normalize
+from .losses import MMRLoss, UniversalLoss, mmr_loss, mmr_regularizer, mmr_universal, universal_loss
+from .radii import hull_radius, naive_radius, union_radius, universal_radius
+from .reference import region_distances_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MMRLoss",
+    "box_distance",
+    "box_min_distance",
+    "hull_radius",
+    "naive_radius",
+    "union_radius",
+    "universal_radius",
+    "Normalize",
+    "UniversalLoss",
+    "mmr_loss",
+    "mmr_regularizer",
+    "mmr_universal",
+    "region_distances",
+    "region_distances_reference",
+    "universal_loss",
+]

@@ -1,0 +1,317 @@
+"""Fast linear-region geometry (MATH.md §1-2): compact V(l) representations and native distances.
+
+Rows of V(l) are kept in the cheapest exact form and never densified needlessly:
+- ``Dense``   V [Bp, n, d]: rows over the whole input (after fully connected layers). The first
+  layer's rows are sample-independent (Bp = 1), so their norms come from the weights.
+- ``Patches`` P [Bp, C, H, W, Cin, Rh, Rw]: a conv unit's row lives on its receptive field, an
+  Rh x Rw window of the input starting at (y*Sh - Ph, x*Sw - Pw); entries outside the image are 0.
+  Conv layers extend patches (no multiplication by the zeros outside the receptive field), a
+  Linear layer after Flatten contracts each position's patches and overlap-adds them (fold).
+
+All products are ordinary differentiable torch ops, so gradients w.r.t. the parameters follow;
+the dual norms, distances and their gradients come from the native kernel (``ops.row_distances``).
+Layers or layouts outside this scheme make :func:`region_distances` use the reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
+from .checks import check_input, check_labels, dual_exponent
+from .layers import Normalize
+from .native import native_or_warn
+from .reference import decision_geometry, reference_geometry
+
+
+class Unsupported(Exception):
+    """A layer/layout the compact representations do not cover (the reference handles it)."""
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass
+class Dense:
+    V: Optional[torch.Tensor]  # [Bp, n, d]; None means the identity (the raw input)
+    d: int
+
+    def rows(self) -> torch.Tensor:
+        return self.V
+
+
+@dataclass
+class Patches:
+    P: torch.Tensor  # [Bp, C, H, W, Cin, Rh, Rw]
+    stride: Tuple[int, int]  # cumulative stride (Sh, Sw) of the unit grid in the input
+    offset: Tuple[int, int]  # cumulative padding (Ph, Pw): window of (y, x) starts at y*Sh - Ph
+    in_shape: Tuple[int, int, int]  # (Cin, Hin, Win)
+    flat: bool = False  # set by Flatten: the next Linear reads units in (C, H, W) order
+
+    def rows(self) -> torch.Tensor:
+        Bp, C, H, W = self.P.shape[:4]
+        return self.P.reshape(Bp, C * H * W, -1)
+
+
+def _identity(x: torch.Tensor):
+    if x.dim() == 2:
+        return Dense(None, x.shape[1])
+    if x.dim() == 4:
+        Cin, H, W = x.shape[1:]
+        eye = torch.eye(Cin, dtype=x.dtype, device=x.device)
+        P = eye[None, :, None, None, :, None, None].expand(1, Cin, H, W, Cin, 1, 1).contiguous()
+        return Patches(P, (1, 1), (0, 0), (Cin, H, W))
+    raise Unsupported(f"input of rank {x.dim()}")
+
+
+def _scale_units(rep, scale: torch.Tensor):
+    """Multiplies every row by the per-channel scale of its unit (BatchNorm, Normalize)."""
+    if isinstance(rep, Patches):
+        C = rep.P.shape[1]
+        s = scale.expand(C) if scale.numel() == 1 else scale
+        if s.numel() != C:
+            raise Unsupported("channel count mismatch")
+        return replace(rep, P=rep.P * s.reshape(1, C, 1, 1, 1, 1, 1))
+    V = rep.V
+    if V is None:
+        n = rep.d
+        s = scale.expand(n) if scale.numel() == 1 else scale
+        if s.numel() != n:
+            raise Unsupported("per-feature scale on flat input")
+        return Dense(torch.diag(s)[None], rep.d)
+    s = scale.expand(V.shape[1]) if scale.numel() == 1 else scale
+    if s.numel() != V.shape[1]:
+        raise Unsupported("per-feature scale size mismatch")
+    return Dense(V * s.reshape(1, -1, 1), rep.d)
+
+
+def _overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
+    """Sums blocks Y [N, Cin, Rh, Rw, kh, kw] placed at (i*sh, j*sw): [N, Cin, (kh-1)sh+Rh, (kw-1)sw+Rw].
+
+    Out-of-place, so autograd stays cheap: block rows a = a1*sh + a0 land at (i + a1)*sh + a0, so
+    each of the ceil(Rh/sh) * ceil(Rw/sw) values of (a1, b1) is one padded, interleaved copy.
+    """
+    N, Cin, Rh, Rw, kh, kw = Y.shape
+    sh, sw = step
+    mh, mw = -(-Rh // sh), -(-Rw // sw)
+    Y = F.pad(Y, (0, 0, 0, 0, 0, mw * sw - Rw, 0, mh * sh - Rh)).reshape(N, Cin, mh, sh, mw, sw, kh, kw)
+    # One interleaving copy for all (a1, b1); unbind (backward: stack) instead of slicing.
+    blocks = Y.permute(2, 4, 0, 1, 6, 3, 7, 5).reshape(mh * mw, N, Cin, kh * sh, kw * sw).unbind(0)
+    out = None
+    for t, block in enumerate(blocks):
+        a1, b1 = divmod(t, mw)
+        block = F.pad(block, (b1 * sw, (mw - 1 - b1) * sw, a1 * sh, (mh - 1 - a1) * sh))
+        out = block if out is None else out + block
+    return out[:, :, :(kh - 1) * sh + Rh, :(kw - 1) * sw + Rw]
+
+
+def _conv_patches(rep: Patches, weight: torch.Tensor, stride, padding, dilation, depthwise: bool) -> Patches:
+    """Rows of a conv (weight [O, C, kh, kw], or [C, kh, kw] when depthwise) applied to patch rows."""
+    P = rep.P
+    Bp, C, H, W, Cin, Rh, Rw = P.shape
+    kh, kw = weight.shape[-2:]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    Sh, Sw = rep.stride
+    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if Ho <= 0 or Wo <= 0:
+        raise Unsupported("empty conv output")
+    E = Cin * Rh * Rw
+    X = P.reshape(Bp, C, H, W, E).permute(0, 1, 4, 2, 3).reshape(Bp, C * E, H, W)
+    U = F.unfold(X, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
+    U = U.reshape(Bp, C, E, kh, kw, Ho * Wo)
+    if depthwise:
+        Y = torch.einsum("cij,bceijl->bcleij", weight, U)
+    else:
+        Y = torch.einsum("ocij,bceijl->boleij", weight, U)
+    O = Y.shape[1]
+    # The kh x kw shifted copies of the old patches overlap-add into the new, larger patch.
+    out = _overlap_add(Y.reshape(Bp * O * Ho * Wo, Cin, Rh, Rw, kh, kw), (dh * Sh, dw * Sw))
+    Rh2, Rw2 = out.shape[-2:]
+    offset = (ph * Sh + rep.offset[0], pw * Sw + rep.offset[1])
+    return Patches(out.reshape(Bp, O, Ho, Wo, Cin, Rh2, Rw2), (sh * Sh, sw * Sw), offset, rep.in_shape)
+
+
+def _conv(rep, conv: nn.Conv2d):
+    if not isinstance(rep, Patches) or rep.flat:
+        raise Unsupported("Conv2d on flat features")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise Unsupported("Conv2d padding mode")
+    w = conv.weight
+    g = conv.groups
+    if g > 1:  # block-diagonal expansion: exact, simple, and convs with groups are rare here
+        O, Cg = w.shape[:2]
+        full = w.new_zeros((O, Cg * g) + tuple(w.shape[2:]))
+        Og = O // g
+        for k in range(g):
+            full[k * Og:(k + 1) * Og, k * Cg:(k + 1) * Cg] = w[k * Og:(k + 1) * Og]
+        w = full
+    return _conv_patches(rep, w, _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), False)
+
+
+def _avgpool(rep, pool: nn.AvgPool2d):
+    if not isinstance(rep, Patches) or rep.flat or pool.ceil_mode:
+        raise Unsupported("AvgPool2d layout or ceil_mode")
+    k = _pair(pool.kernel_size)
+    s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    pad = _pair(pool.padding)
+    C, H, W = rep.P.shape[1:4]
+    ones = rep.P.new_ones((1, 1, H, W))
+    # Per-position 1/divisor of the layer: its average of ones over the plain window sum of ones.
+    mean = F.avg_pool2d(ones, k, s, pad, False, pool.count_include_pad, pool.divisor_override)
+    total = F.avg_pool2d(ones, k, s, pad, False, True, 1)
+    out = _conv_patches(rep, rep.P.new_ones((C,) + k), s, pad, (1, 1), True)
+    inv_div = (mean / total).reshape(1, 1, *mean.shape[-2:], 1, 1, 1)
+    return replace(out, P=out.P * inv_div)
+
+
+def _flatten(rep, layer: nn.Flatten):
+    if isinstance(rep, Dense):
+        return rep
+    if layer.start_dim != 1 or layer.end_dim != -1:
+        raise Unsupported("partial Flatten")
+    return replace(rep, flat=True)
+
+
+def _linear(rep, layer: nn.Linear):
+    W = layer.weight
+    if isinstance(rep, Dense):
+        if rep.V is None:
+            return Dense(W[None], rep.d)
+        return Dense(torch.matmul(W, rep.V), rep.d)
+    if not rep.flat:
+        raise Unsupported("Linear on unflattened feature maps")
+    return _patches_to_dense(rep, W)
+
+
+def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
+    """Rows of the map W [O, C*H*W] applied to patch rows: per-position contraction, then fold."""
+    P = rep.P
+    Bp, C, H, Wd, Cin, Rh, Rw = P.shape
+    L, E = H * Wd, Cin * Rh * Rw
+    O = W.shape[0]
+    Y = torch.einsum("ocl,bcle->boel", W.reshape(O, C, L), P.reshape(Bp, C, L, E))
+    canvas = _overlap_add(Y.reshape(Bp * O, Cin, Rh, Rw, H, Wd), rep.stride)
+    Hc, Wc = canvas.shape[-2:]
+    Cin_, Hin, Win = rep.in_shape
+    Ph, Pw = rep.offset
+    canvas = F.pad(canvas, (0, max(0, Pw + Win - Wc), 0, max(0, Ph + Hin - Hc)))
+    dense = canvas[:, :, Ph:Ph + Hin, Pw:Pw + Win]
+    return Dense(dense.reshape(Bp, O, Cin_ * Hin * Win), Cin_ * Hin * Win)
+
+
+def _apply_layer(rep, layer: nn.Module):
+    if isinstance(layer, nn.Linear):
+        return _linear(rep, layer)
+    if isinstance(layer, nn.Conv2d):
+        return _conv(rep, layer)
+    if isinstance(layer, nn.AvgPool2d):
+        return _avgpool(rep, layer)
+    if isinstance(layer, nn.Flatten):
+        return _flatten(rep, layer)
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(layer, nn.BatchNorm1d) and isinstance(rep, Patches):
+            raise Unsupported("BatchNorm1d on feature maps")
+        return _scale_units(rep, batchnorm_scale_shift(layer)[0])
+    if isinstance(layer, Normalize):
+        return _scale_units(rep, 1.0 / layer.std)
+    raise Unsupported(type(layer).__name__)
+
+
+def _apply_block(rep, block: AffineBlock):
+    for layer in block.layers:
+        rep = _apply_layer(rep, layer)
+    return rep
+
+
+def _mask(rep, mask: torch.Tensor):
+    """Rows of Σ(l) V(l): every row times its unit's activation slope (per sample)."""
+    B = mask.shape[0]
+    if isinstance(rep, Patches):
+        return replace(rep, P=rep.P * mask.reshape(B, *rep.P.shape[1:4], 1, 1, 1))
+    V = rep.V
+    if V is None:
+        V = torch.eye(rep.d, dtype=mask.dtype, device=mask.device)[None]
+    return Dense(V * mask.reshape(B, -1, 1), rep.d)
+
+
+def _to_dense(rep) -> Dense:
+    if isinstance(rep, Dense):
+        return rep
+    C, H, W = rep.P.shape[1:4]
+    eye = torch.eye(C * H * W, dtype=rep.P.dtype, device=rep.P.device)
+    return _patches_to_dense(replace(rep, flat=True), eye)
+
+
+def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor]
+                   ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once."""
+    from .ops import row_distances
+
+    B = x.shape[0]
+    rep = _identity(x)
+    g = x
+    boundary: List[List[torch.Tensor]] = [[] for _ in qs]
+    for block, slope in chain.hidden:
+        f = block(g)
+        rep = _apply_block(rep, block)
+        rows, f_flat = rep.rows(), f.reshape(B, -1)
+        for parts, q in zip(boundary, qs):
+            parts.append(row_distances(f_flat, rows, q)[0])
+        mask = activation_mask(f.detach(), slope)
+        g = f * mask
+        rep = _mask(rep, mask)
+    logits = chain.logits_block(g).reshape(B, -1)
+    check_labels(labels, B, logits.shape[1], x.device)
+    V = _to_dense(_apply_block(rep, chain.logits_block)).V
+    V = V.expand(B, -1, -1) if V.shape[0] == 1 else V
+    c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
+    diff = diff.transpose(1, 2)
+    out = []
+    for parts, q in zip(boundary, qs):
+        decision = row_distances(margin, diff, q, is_signed=True)[0].scatter(1, c[:, None], math.inf)
+        out.append((torch.cat(parts, dim=1) if parts else logits.new_zeros((B, 0)), decision))
+    return out, logits
+
+
+def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Optional[torch.Tensor] = None
+                     ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Validated (boundary, decision) per norm in ps and the logits, native when possible."""
+    chain = parse_model(model)
+    qs = [dual_exponent(p) for p in ps]
+    check_input(model, x)
+    if native_or_warn():
+        try:
+            return _fast_geometry(chain, x, qs, labels)
+        except Unsupported:
+            pass
+    return reference_geometry(chain, x, qs, labels)
+
+
+def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """lp-distances of each sample to its region's hyperplanes (MATH.md §2).
+
+    Args:
+        model: ``nn.Sequential`` of supported layers (see README).
+        x: float32/float64 batch [B, ...] on the model's device.
+        p: norm, any float >= 1 or ``float('inf')``.
+        labels: optional int64 [B] reference classes (default: the predicted classes).
+
+    Returns:
+        boundary [B, N]: distance to each hidden unit's hyperplane, units ordered by layer then by
+        the layer's flattening order; +inf for units whose row of V is zero.
+        decision [B, K]: signed distance to the hyperplane between the reference class c and each
+        class s (negative when x is misclassified w.r.t. c), +inf at s = c.
+
+    Differentiable w.r.t. x and the model's parameters. Uses the native kernels; falls back to
+    :func:`region_distances_reference` (same results) for layouts the fast path does not cover
+    or when the compiled extension is missing.
+    """
+    return compute_geometry(model, x, (p,), labels)[0][0]

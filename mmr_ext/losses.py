@@ -1,0 +1,198 @@
+"""MMR and MMR-Universal regularizers and training objectives (MATH.md §6)."""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import compute_geometry
+from .native import native_or_warn
+
+KSpec = Union[int, float]
+SELECTIONS = ("per_norm", "union")
+
+
+def resolve_k(k: KSpec, n: int, name: str) -> int:
+    """An int k is a count in [1, n]; a float in (0, 1] is a fraction of n (at least 1)."""
+    if isinstance(k, bool) or not isinstance(k, (Integral, Real)):
+        raise TypeError(f"{name} must be an int count or a float fraction in (0, 1], got {k!r}")
+    if isinstance(k, Integral):
+        if not 1 <= k <= n:
+            raise ValueError(f"{name} must be in [1, {n}] (the number of candidate hyperplanes), got {k}")
+        return int(k)
+    if not 0 < k <= 1:
+        raise ValueError(f"{name} as a fraction must be in (0, 1], got {k}")
+    return max(1, min(n, int(round(k * n))))
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, Real) or not (v > 0) or math.isinf(v):
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _non_negative(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, Real) or not (v >= 0) or math.isinf(v):
+        raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
+    return float(v)
+
+
+def _pair(v, name: str) -> Tuple:
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise ValueError(f"{name} must be a pair (l1 value, l_inf value), got {v!r}")
+    return tuple(v)
+
+
+def topk_hinge_mean(dist: torch.Tensor, k: int, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (1/k) Σ_{i<=k} max(0, 1 - d^i/γ) over the k smallest entries (ties by index)."""
+    if native_or_warn():
+        from .ops import topk_hinge
+        return topk_hinge(dist, k, gamma)
+    order = torch.sort(dist.detach(), dim=1, stable=True).indices[:, :k]
+    return torch.relu(1 - dist.gather(1, order) / gamma).mean(dim=1), order
+
+
+def _universal_terms(boundary1, decision1, boundary_inf, decision_inf, k: int, gamma, lam, selection: str):
+    g1, ginf = gamma
+    l1, linf = lam
+    K = decision1.shape[1]
+    if selection == "per_norm":
+        b1 = topk_hinge_mean(boundary1, k, g1)[0]
+        binf = topk_hinge_mean(boundary_inf, k, ginf)[0]
+        boundary_term = l1 * b1 + linf * binf
+    else:  # authors' code: both norms penalised on the union of the two top-k index sets
+        idx1 = topk_hinge_mean(boundary1.detach(), k, g1)[1]
+        idxinf = topk_hinge_mean(boundary_inf.detach(), k, ginf)[1]
+        union = torch.zeros_like(boundary1, dtype=torch.bool)
+        union.scatter_(1, idx1, True).scatter_(1, idxinf, True)
+        h1 = torch.where(union, torch.relu(1 - boundary1 / g1), torch.zeros_like(boundary1))
+        hinf = torch.where(union, torch.relu(1 - boundary_inf / ginf), torch.zeros_like(boundary_inf))
+        boundary_term = (l1 * h1 + linf * hinf).sum(dim=1) / k
+    decision_term = (l1 * topk_hinge_mean(decision1, K - 1, g1)[0]
+                     + linf * topk_hinge_mean(decision_inf, K - 1, ginf)[0])
+    return boundary_term, decision_term
+
+
+def _universal(model, x, y, k_boundary, gamma, lam, selection):
+    gamma = tuple(_positive(v, f"gamma[{i}]") for i, v in enumerate(_pair(gamma, "gamma")))
+    lam = tuple(_non_negative(v, f"lam[{i}]") for i, v in enumerate(_pair(lam, "lam")))
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y)
+    if logits.shape[1] < 2:
+        raise ValueError(f"the model must have at least 2 classes, got {logits.shape[1]}")
+    k = resolve_k(k_boundary, b1.shape[1], "k_boundary")
+    boundary_term, decision_term = _universal_terms(b1, d1, binf, dinf, k, gamma, lam, selection)
+    return boundary_term, decision_term, logits
+
+
+def mmr_universal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boundary: KSpec,
+                  gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0),
+                  selection: str = "per_norm") -> torch.Tensor:
+    """Per-sample MMR-Universal regularizer [B] (seed 000 eq. 9, MATH.md §6).
+
+    ``(1/kB) Σ_{i<=kB} [λ1 h(dB1^i, γ1) + λ∞ h(dB∞^i, γ∞)] + (1/(K-1)) Σ_{i<=K-1} [λ1 h(dD1^i, γ1) + λ∞ h(dD∞^i, γ∞)]``
+    with h(d, γ) = max(0, 1 - d/γ), distances to the true class y.
+
+    Args:
+        k_boundary: int count in [1, N] or float fraction in (0, 1] of the N hidden units.
+        gamma: (γ1, γ∞) > 0. lam: (λ1, λ∞) >= 0.
+        selection: ``"per_norm"`` (paper: top-kB taken separately per norm) or ``"union"`` (the
+            authors' code: both norms penalised on the union of the two top-kB index sets, / kB).
+    """
+    boundary_term, decision_term, _ = _universal(model, x, y, k_boundary, gamma, lam, selection)
+    return boundary_term + decision_term
+
+
+def universal_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boundary: KSpec,
+                   gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0), selection: str = "per_norm",
+                   return_terms: bool = False):
+    """Training objective: mean cross-entropy + mean MMR-Universal (see :func:`mmr_universal`).
+
+    Returns a scalar, or ``(scalar, terms)`` with ``terms`` a dict of detached floats
+    (``cross_entropy``, ``boundary``, ``decision``) when ``return_terms`` is true.
+    """
+    boundary_term, decision_term, logits = _universal(model, x, y, k_boundary, gamma, lam, selection)
+    ce = F.cross_entropy(logits, y.long())
+    loss = ce + boundary_term.mean() + decision_term.mean()
+    if not return_terms:
+        return loss
+    return loss, {"cross_entropy": float(ce.detach()), "boundary": float(boundary_term.mean().detach()),
+                  "decision": float(decision_term.mean().detach())}
+
+
+def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision):
+    gamma_boundary = _positive(gamma_boundary, "gamma_boundary")
+    gamma_decision = _positive(gamma_decision, "gamma_decision")
+    ((boundary, decision),), logits = compute_geometry(model, x, (p,), y)
+    K = logits.shape[1]
+    if K < 2:
+        raise ValueError(f"the model must have at least 2 classes, got {K}")
+    kb = resolve_k(k_boundary, boundary.shape[1], "k_boundary")
+    if isinstance(k_decision, Integral) and not isinstance(k_decision, bool) and k_decision == K:
+        k_decision = K - 1  # the paper's kD = K counts the (infinitely far) true class itself
+    kd = resolve_k(k_decision, K - 1, "k_decision")
+    reg = (topk_hinge_mean(boundary, kb, gamma_boundary)[0]
+           + topk_hinge_mean(decision, kd, gamma_decision)[0])
+    return reg, logits
+
+
+def mmr_regularizer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec,
+                    k_decision: KSpec, gamma_boundary: float, gamma_decision: float) -> torch.Tensor:
+    """Per-sample kMMR-lp regularizer [B] (seed 004 eq. 6, MATH.md §6).
+
+    k_decision counts decision hyperplanes among the K-1 other classes (kD = K is accepted as the
+    paper's "all classes" and means K-1).
+    """
+    return _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision)[0]
+
+
+def mmr_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec, k_decision: KSpec,
+             gamma_boundary: float, gamma_decision: float, lam: float, return_terms: bool = False):
+    """MMR-lp objective of seed 004: mean cross-entropy + λ · mean kMMR-lp."""
+    lam = _non_negative(lam, "lam")
+    reg, logits = _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision)
+    ce = F.cross_entropy(logits, y.long())
+    loss = ce + lam * reg.mean()
+    if not return_terms:
+        return loss
+    return loss, {"cross_entropy": float(ce.detach()), "regularizer": float(reg.mean().detach())}
+
+
+class UniversalLoss(nn.Module):
+    """:func:`universal_loss` with its hyperparameters as attributes (change them to schedule)."""
+
+    def __init__(self, k_boundary: KSpec, gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0),
+                 selection: str = "per_norm"):
+        super().__init__()
+        self.k_boundary, self.gamma, self.lam, self.selection = k_boundary, tuple(gamma), tuple(lam), selection
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, return_terms: bool = False):
+        return universal_loss(model, x, y, k_boundary=self.k_boundary, gamma=self.gamma, lam=self.lam,
+                              selection=self.selection, return_terms=return_terms)
+
+    def extra_repr(self) -> str:
+        return f"k_boundary={self.k_boundary}, gamma={self.gamma}, lam={self.lam}, selection={self.selection!r}"
+
+
+class MMRLoss(nn.Module):
+    """:func:`mmr_loss` with its hyperparameters as attributes (change them to schedule)."""
+
+    def __init__(self, p, k_boundary: KSpec, k_decision: KSpec, gamma_boundary: float, gamma_decision: float,
+                 lam: float):
+        super().__init__()
+        self.p, self.k_boundary, self.k_decision = p, k_boundary, k_decision
+        self.gamma_boundary, self.gamma_decision, self.lam = gamma_boundary, gamma_decision, lam
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, return_terms: bool = False):
+        return mmr_loss(model, x, y, p=self.p, k_boundary=self.k_boundary, k_decision=self.k_decision,
+                        gamma_boundary=self.gamma_boundary, gamma_decision=self.gamma_decision, lam=self.lam,
+                        return_terms=return_terms)
+
+    def extra_repr(self) -> str:
+        return (f"p={self.p}, k_boundary={self.k_boundary}, k_decision={self.k_decision}, "
+                f"gamma_boundary={self.gamma_boundary}, gamma_decision={self.gamma_decision}, lam={self.lam}")

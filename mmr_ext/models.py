@@ -1,0 +1,131 @@
+"""The architectures of the MMR papers, as plain ``nn.Sequential`` ReLU networks.
+
+- ``fc1``: one hidden layer of 1024 units (784-1024-10 on MNIST).
+- ``fc10``: ten hidden layers of 124, 7 x 104 and 2 x 86 units.
+- ``cnn``: conv(16, 4x4, stride 2, pad 1) - conv(32, 4x4, stride 2, pad 1) - fc 100 - fc K.
+- ``large``: the "large" network of Wong et al. (2018): conv(32, 3x3, pad 1) - conv(32, 4x4,
+  stride 2, pad 1) - conv(64, 3x3, pad 1) - conv(64, 4x4, stride 2, pad 1) - fc 512 - fc 512 -
+  fc K.
+
+Every builder takes the input shape (C, H, W) and the number of classes K, and optionally
+``normalize=(mean, std)`` to prepend a :class:`mmr_ext.layers.Normalize` layer (per-channel
+constants or scalars), so the network still takes images in [0, 1].
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .layers import Normalize
+
+__all__ = ["MODELS", "build_model", "fc1", "fc10", "cnn", "large"]
+
+Shape = Tuple[int, int, int]
+NormSpec = Optional[Tuple[object, object]]
+
+FC10_HIDDEN = (124,) + (104,) * 7 + (86,) * 2
+
+
+def _check_shape(in_shape: Sequence[int]) -> Shape:
+    try:
+        shape = tuple(int(s) for s in in_shape)
+        ok = len(shape) == 3 and all(s == t and s > 0 for s, t in zip(shape, in_shape))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"in_shape must be three positive ints (C, H, W), got {in_shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _check_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    return num_classes
+
+
+def _prefix(in_shape: Shape, normalize: NormSpec) -> list:
+    if normalize is None:
+        return []
+    try:
+        mean, std = normalize
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize must be a pair (mean, std), got {normalize!r}") from None
+    layer = Normalize(mean, std)
+    c = in_shape[0]
+    for name, t in (("mean", layer.mean), ("std", layer.std)):
+        if t.numel() not in (1, c):
+            raise ValueError(f"normalize {name} has {t.numel()} values; expected 1 or "
+                             f"{c} (one per input channel)")
+    return [layer]
+
+
+def _mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> list:
+    layers, width = [], in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return layers
+
+
+def _convs(in_shape: Shape, spec: Sequence[Tuple[int, int, int, int]]) -> Tuple[list, int]:
+    """Conv2d + ReLU layers from (out_channels, kernel, stride, padding) tuples, and the
+    flattened size of their output."""
+    c, h, w = in_shape
+    layers = []
+    for out_c, k, s, p in spec:
+        layers += [nn.Conv2d(c, out_c, k, stride=s, padding=p), nn.ReLU()]
+        c, h, w = out_c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if h < 1 or w < 1:
+            raise ValueError(f"in_shape {in_shape} is too small for this network's "
+                             f"convolutions")
+    return layers, c * h * w
+
+
+def fc1(in_shape: Sequence[int], num_classes: int, *, normalize: NormSpec = None) -> nn.Sequential:
+    """Fully connected network with one hidden layer of 1024 ReLU units."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    d = shape[0] * shape[1] * shape[2]
+    return nn.Sequential(*_prefix(shape, normalize), nn.Flatten(), *_mlp(d, (1024,), k))
+
+
+def fc10(in_shape: Sequence[int], num_classes: int, *,
+         normalize: NormSpec = None) -> nn.Sequential:
+    """Fully connected network with ten hidden ReLU layers of 124, 7 x 104 and 2 x 86 units."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    d = shape[0] * shape[1] * shape[2]
+    return nn.Sequential(*_prefix(shape, normalize), nn.Flatten(), *_mlp(d, FC10_HIDDEN, k))
+
+
+def cnn(in_shape: Sequence[int], num_classes: int, *, normalize: NormSpec = None) -> nn.Sequential:
+    """conv(16, 4x4, stride 2, pad 1) - conv(32, 4x4, stride 2, pad 1) - fc 100 - fc K."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    convs, flat = _convs(shape, [(16, 4, 2, 1), (32, 4, 2, 1)])
+    return nn.Sequential(*_prefix(shape, normalize), *convs, nn.Flatten(),
+                         *_mlp(flat, (100,), k))
+
+
+def large(in_shape: Sequence[int], num_classes: int, *,
+          normalize: NormSpec = None) -> nn.Sequential:
+    """The large convolutional network of Wong et al. (2018): four convolutions (32, 32, 64,
+    64 channels; the 4x4 ones with stride 2), then fc 512 - fc 512 - fc K."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    convs, flat = _convs(shape, [(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)])
+    return nn.Sequential(*_prefix(shape, normalize), *convs, nn.Flatten(),
+                         *_mlp(flat, (512, 512), k))
+
+
+#: Model builders by name, each ``builder(in_shape, num_classes, *, normalize=None)``.
+MODELS: Dict[str, Callable[..., nn.Sequential]] = {
+    "fc1": fc1, "fc10": fc10, "cnn": cnn, "large": large}
+
+
+def build_model(name: str, in_shape: Sequence[int], num_classes: int, *,
+                normalize: NormSpec = None) -> nn.Sequential:
+    """Build the architecture ``name`` (one of :data:`MODELS`, case-insensitive) for inputs of
+    shape ``in_shape`` (C, H, W) and ``num_classes`` classes."""
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[key](in_shape, num_classes, normalize=normalize)
