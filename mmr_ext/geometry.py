@@ -59,19 +59,58 @@ class Patches:
         return self.P.reshape(Bp, C * H * W, -1)
 
 
+@dataclass
+class KernelPatches:
+    """Rows of a conv applied to the raw image: every unit of channel c has the same kernel
+    K[c] [Cin, Rh, Rw] (restricted to in-image pixels), so they are never stored per unit or per
+    sample; the per-sample mask Σ of the following activation is kept aside and folded into the
+    next layer's products (transposed convolutions with K)."""
+
+    K: torch.Tensor  # [C, Cin, Rh, Rw]
+    grid: Tuple[int, int]  # (H, W) unit grid
+    stride: Tuple[int, int]
+    offset: Tuple[int, int]
+    in_shape: Tuple[int, int, int]
+    mask: Optional[torch.Tensor] = None  # [B, C, H, W]
+    flat: bool = False
+
+    def materialize(self) -> Patches:
+        C, Cin, Rh, Rw = self.K.shape
+        H, W = self.grid
+        inside = _window_inside(self.grid, (Rh, Rw), self.stride, self.offset, self.in_shape, self.K)
+        P = self.K[None, :, None, None] * inside[None, None, :, :, None]
+        if self.mask is not None:
+            P = P * self.mask[:, :, :, :, None, None, None]
+        return Patches(P, self.stride, self.offset, self.in_shape, self.flat)
+
+    def rows(self) -> torch.Tensor:
+        return self.materialize().rows()
+
+
+def _window_inside(grid, size, stride, offset, in_shape, like: torch.Tensor) -> torch.Tensor:
+    """[H, W, Rh, Rw] 0/1: whether each entry of each unit's input window lies inside the image."""
+    rows = [(torch.arange(n)[:, None] * s - o + torch.arange(r)[None, :] >= 0)
+            & (torch.arange(n)[:, None] * s - o + torch.arange(r)[None, :] < limit)
+            for n, r, s, o, limit in zip(grid, size, stride, offset, in_shape[1:])]
+    return (rows[0][:, None, :, None] & rows[1][None, :, None, :]).to(dtype=like.dtype, device=like.device)
+
+
 def _identity(x: torch.Tensor):
     if x.dim() == 2:
         return Dense(None, x.shape[1])
     if x.dim() == 4:
         Cin, H, W = x.shape[1:]
-        eye = torch.eye(Cin, dtype=x.dtype, device=x.device)
-        P = eye[None, :, None, None, :, None, None].expand(1, Cin, H, W, Cin, 1, 1).contiguous()
-        return Patches(P, (1, 1), (0, 0), (Cin, H, W))
+        eye = torch.eye(Cin, dtype=x.dtype, device=x.device)[:, :, None, None]
+        return KernelPatches(eye, (H, W), (1, 1), (0, 0), (Cin, H, W))
     raise Unsupported(f"input of rank {x.dim()}")
 
 
 def _scale_units(rep, scale: torch.Tensor):
     """Multiplies every row by the per-channel scale of its unit (BatchNorm, Normalize)."""
+    if isinstance(rep, KernelPatches):
+        if rep.mask is not None or scale.numel() not in (1, rep.K.shape[0]):
+            return _scale_units(rep.materialize(), scale)
+        return replace(rep, K=rep.K * scale.reshape(-1, 1, 1, 1))
     if isinstance(rep, Patches):
         C = rep.P.shape[1]
         s = scale.expand(C) if scale.numel() == 1 else scale
@@ -138,24 +177,73 @@ def _conv_patches(rep: Patches, weight: torch.Tensor, stride, padding, dilation,
     return Patches(out.reshape(Bp, O, Ho, Wo, Cin, Rh2, Rw2), (sh * Sh, sw * Sw), offset, rep.in_shape)
 
 
+def _full_weight(conv: nn.Conv2d) -> torch.Tensor:
+    """Conv weight [O, C, kh, kw] with groups expanded block-diagonally (exact and simple)."""
+    w, g = conv.weight, conv.groups
+    if g == 1:
+        return w
+    O, Cg = w.shape[:2]
+    Og = O // g
+    return torch.cat([F.pad(w[k * Og:(k + 1) * Og], (0, 0, 0, 0, k * Cg, (g - 1 - k) * Cg)) for k in range(g)])
+
+
+def _conv_output_grid(grid, k, stride, padding, dilation):
+    return tuple((n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, kk, s, p, d in zip(grid, k, stride, padding, dilation))
+
+
+def _conv_kernel(rep: KernelPatches, w, stride, padding, dilation):
+    """Conv applied to kernel rows: unmasked and from the raw image, the kernels compose into a new
+    shared kernel; masked, each (sample, unit) row is a transposed conv of its masked weights with K."""
+    k = tuple(w.shape[-2:])
+    Sh, Sw = rep.stride
+    grid = _conv_output_grid(rep.grid, k, stride, padding, dilation)
+    if min(grid) <= 0:
+        raise Unsupported("empty conv output")
+    step = (dilation[0] * Sh, dilation[1] * Sw)
+    new_stride = (stride[0] * Sh, stride[1] * Sw)
+    offset = (padding[0] * Sh + rep.offset[0], padding[1] * Sw + rep.offset[1])
+    if rep.mask is None:
+        K = F.conv_transpose2d(w, rep.K, stride=step)
+        return KernelPatches(K, grid, new_stride, offset, rep.in_shape, None, False)
+    # Masked: row (b, o, l) = sum over taps z = (c, i, j) of mask[b, z, l] * G[o, z], where
+    # G[o, (c, i, j)] = w[o, c, i, j] * (K[c] placed at (i, j) * step) is sample-independent, so the
+    # whole layer is one GEMM [B*L, C*kh*kw] @ [C*kh*kw, O*E] with masks as the left factor.
+    B, C = rep.mask.shape[:2]
+    O, Cin = w.shape[0], rep.K.shape[1]
+    L = grid[0] * grid[1]
+    taps = k[0] * k[1]
+    onehot = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(taps, 1, k[0], k[1]).expand(taps, C, k[0], k[1])
+    placed = F.conv_transpose2d(onehot, rep.K, stride=step, groups=C)  # [taps, C*Cin, R2h, R2w]
+    R = tuple(placed.shape[-2:])
+    E = Cin * R[0] * R[1]
+    placed = placed.reshape(taps, C, E).transpose(0, 1)  # [C, taps, E]
+    G = (w.reshape(O, C, taps, 1) * placed[None]).reshape(O, C * taps, E)
+    m = F.unfold(rep.mask, k, dilation=dilation, padding=padding, stride=stride)  # [B, C*taps, L]
+    rows = torch.matmul(m.transpose(1, 2).reshape(B * L, C * taps), G.permute(1, 0, 2).reshape(C * taps, O * E))
+    inside = _window_inside(grid, R, new_stride, offset, rep.in_shape, rows)  # [H, W, R2h, R2w]
+    P = rows.reshape(B, L, O, Cin, R[0] * R[1]).transpose(1, 2) * inside.reshape(1, 1, L, 1, R[0] * R[1])
+    return Patches(P.reshape(B, O, grid[0], grid[1], Cin, R[0], R[1]), new_stride, offset, rep.in_shape)
+
+
 def _conv(rep, conv: nn.Conv2d):
-    if not isinstance(rep, Patches) or rep.flat:
+    if rep.flat:
         raise Unsupported("Conv2d on flat features")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise Unsupported("Conv2d padding mode")
-    w = conv.weight
-    g = conv.groups
-    if g > 1:  # block-diagonal expansion: exact, simple, and convs with groups are rare here
-        O, Cg = w.shape[:2]
-        full = w.new_zeros((O, Cg * g) + tuple(w.shape[2:]))
-        Og = O // g
-        for k in range(g):
-            full[k * Og:(k + 1) * Og, k * Cg:(k + 1) * Cg] = w[k * Og:(k + 1) * Og]
-        w = full
-    return _conv_patches(rep, w, _pair(conv.stride), _pair(conv.padding), _pair(conv.dilation), False)
+    w = _full_weight(conv)
+    args = (_pair(conv.stride), _pair(conv.padding), _pair(conv.dilation))
+    if isinstance(rep, KernelPatches):
+        if rep.mask is not None or (rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1)):
+            return _conv_kernel(rep, w, *args)
+        rep = rep.materialize()
+    if not isinstance(rep, Patches):
+        raise Unsupported("Conv2d on flat features")
+    return _conv_patches(rep, w, *args, False)
 
 
 def _avgpool(rep, pool: nn.AvgPool2d):
+    if isinstance(rep, KernelPatches):
+        rep = rep.materialize()
     if not isinstance(rep, Patches) or rep.flat or pool.ceil_mode:
         raise Unsupported("AvgPool2d layout or ceil_mode")
     k = _pair(pool.kernel_size)
@@ -187,7 +275,32 @@ def _linear(rep, layer: nn.Linear):
         return Dense(torch.matmul(W, rep.V), rep.d)
     if not rep.flat:
         raise Unsupported("Linear on unflattened feature maps")
+    if isinstance(rep, KernelPatches):
+        return _kernel_to_dense(rep, W)
     return _patches_to_dense(rep, W)
+
+
+def _kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
+    """Rows of W [O, C*H*W] applied to (masked) kernel rows: one transposed conv per (sample, row)."""
+    C = rep.K.shape[0]
+    H, Wd = rep.grid
+    O = W.shape[0]
+    T = W.reshape(1, O, C, H, Wd)
+    if rep.mask is not None:
+        T = T * rep.mask[:, None]
+    Bp = T.shape[0]
+    canvas = F.conv_transpose2d(T.reshape(Bp * O, C, H, Wd), rep.K, stride=rep.stride)
+    return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
+
+
+def _crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Dense:
+    """Input-space rows from a canvas whose (0, 0) is input pixel (-Ph, -Pw)."""
+    Cin, Hin, Win = in_shape
+    Ph, Pw = offset
+    Hc, Wc = canvas.shape[-2:]
+    canvas = F.pad(canvas, (0, max(0, Pw + Win - Wc), 0, max(0, Ph + Hin - Hc)))
+    dense = canvas[:, :, Ph:Ph + Hin, Pw:Pw + Win]
+    return Dense(dense.reshape(Bp, O, Cin * Hin * Win), Cin * Hin * Win)
 
 
 def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
@@ -198,12 +311,7 @@ def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
     O = W.shape[0]
     Y = torch.einsum("ocl,bcle->boel", W.reshape(O, C, L), P.reshape(Bp, C, L, E))
     canvas = _overlap_add(Y.reshape(Bp * O, Cin, Rh, Rw, H, Wd), rep.stride)
-    Hc, Wc = canvas.shape[-2:]
-    Cin_, Hin, Win = rep.in_shape
-    Ph, Pw = rep.offset
-    canvas = F.pad(canvas, (0, max(0, Pw + Win - Wc), 0, max(0, Ph + Hin - Hc)))
-    dense = canvas[:, :, Ph:Ph + Hin, Pw:Pw + Win]
-    return Dense(dense.reshape(Bp, O, Cin_ * Hin * Win), Cin_ * Hin * Win)
+    return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
 
 
 def _apply_layer(rep, layer: nn.Module):
@@ -216,7 +324,7 @@ def _apply_layer(rep, layer: nn.Module):
     if isinstance(layer, nn.Flatten):
         return _flatten(rep, layer)
     if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if isinstance(layer, nn.BatchNorm1d) and isinstance(rep, Patches):
+        if isinstance(layer, nn.BatchNorm1d) and not isinstance(rep, Dense):
             raise Unsupported("BatchNorm1d on feature maps")
         return _scale_units(rep, batchnorm_scale_shift(layer)[0])
     if isinstance(layer, Normalize):
@@ -233,6 +341,10 @@ def _apply_block(rep, block: AffineBlock):
 def _mask(rep, mask: torch.Tensor):
     """Rows of Σ(l) V(l): every row times its unit's activation slope (per sample)."""
     B = mask.shape[0]
+    if isinstance(rep, KernelPatches):
+        if rep.mask is None:
+            return replace(rep, mask=mask)
+        rep = rep.materialize()
     if isinstance(rep, Patches):
         return replace(rep, P=rep.P * mask.reshape(B, *rep.P.shape[1:4], 1, 1, 1))
     V = rep.V
@@ -244,6 +356,8 @@ def _mask(rep, mask: torch.Tensor):
 def _to_dense(rep) -> Dense:
     if isinstance(rep, Dense):
         return rep
+    if isinstance(rep, KernelPatches):
+        rep = rep.materialize()
     C, H, W = rep.P.shape[1:4]
     eye = torch.eye(C * H * W, dtype=rep.P.dtype, device=rep.P.device)
     return _patches_to_dense(replace(rep, flat=True), eye)

@@ -1,0 +1,95 @@
+// C++ unit tests (ctest) of the shared arithmetic in csrc/geometry.h and the CPU ops.
+#include "geometry.h"
+#include "ops.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+namespace {
+
+int failures = 0;
+
+void expect_near(double actual, double expected, double tol, const char* what) {
+  const bool ok = (std::isinf(expected) && actual == expected) || std::fabs(actual - expected) <= tol;
+  if (!ok) {
+    std::printf("FAIL %s: got %.17g, expected %.17g\n", what, actual, expected);
+    ++failures;
+  }
+}
+
+double norm_of(const std::vector<double>& v, double q) {
+  const mmr::NormKind kind = mmr::norm_kind(q);
+  double acc = 0, general = 0;
+  for (double x : v) acc = mmr::norm_accumulate<double>(kind, acc, x);
+  if (kind == mmr::NormKind::General) {
+    for (double x : v) general += mmr::general_term<double>(x, acc, q);
+  }
+  return mmr::norm_finalize<double>(kind, acc, general, q);
+}
+
+void test_norms() {
+  const std::vector<double> v = {3.0, -4.0, 0.0, 1.0};
+  expect_near(norm_of(v, 1.0), 8.0, 1e-15, "l1 norm");
+  expect_near(norm_of(v, 2.0), std::sqrt(26.0), 1e-15, "l2 norm");
+  expect_near(norm_of(v, INFINITY), 4.0, 0, "linf norm");
+  expect_near(norm_of(v, 3.0), std::cbrt(27.0 + 64.0 + 1.0), 1e-13, "l3 norm");
+  // no overflow for huge entries with a large exponent
+  expect_near(norm_of({1e200, 1e200}, 4.0), 1e200 * std::pow(2.0, 0.25), 1e186, "scaled general norm");
+  expect_near(norm_of({0.0, 0.0}, 3.0), 0.0, 0, "zero general norm");
+  // gradient of the l2 norm and the split of the linf subgradient among ties
+  expect_near(mmr::norm_grad<double>(mmr::NormKind::L2, 3.0, 5.0, 2.0, 1.0), 0.6, 1e-15, "l2 grad");
+  expect_near(mmr::norm_grad<double>(mmr::NormKind::Linf, -4.0, 4.0, 1.0, 2.0), -0.5, 0, "linf grad tie");
+  expect_near(mmr::norm_grad<double>(mmr::NormKind::General, 2.0, 0.0, 3.0, 1.0), 0.0, 0, "grad of zero row");
+}
+
+void test_distances_and_hinge() {
+  expect_near(mmr::hyperplane_distance<double>(-3.0, 2.0), 1.5, 0, "distance");
+  expect_near(mmr::hyperplane_distance<double>(1.0, 0.0), INFINITY, 0, "zero row is +inf");
+  expect_near(mmr::signed_distance<double>(-3.0, 2.0), -1.5, 0, "signed distance");
+  expect_near(mmr::hinge<double>(0.5, 2.0), 0.75, 0, "active hinge");
+  expect_near(mmr::hinge<double>(3.0, 2.0), 0.0, 0, "inactive hinge");
+  expect_near(mmr::hinge<double>(INFINITY, 2.0), 0.0, 0, "hinge at +inf");
+  expect_near(mmr::hinge_grad<double>(0.5, 2.0), -0.5, 0, "hinge grad");
+  if (!mmr::ranks_before<double>(1.0, 5, 1.0, 7) || mmr::ranks_before<double>(1.0, 7, 1.0, 5)) {
+    std::printf("FAIL ties must be broken by index\n");
+    ++failures;
+  }
+}
+
+void test_cpu_ops() {
+  at::Tensor rows = at::tensor({3.0, 4.0, 0.0, 0.0, 1.0, -1.0}, at::kDouble).reshape({1, 3, 2});
+  at::Tensor f = at::tensor({5.0, 2.0, -1.0, 10.0, 0.0, 3.0}, at::kDouble).reshape({2, 3});
+  auto [dist, norm] = mmr::row_distances_cpu(f, rows, 2.0, false);
+  expect_near(norm[0][0].item<double>(), 5.0, 1e-15, "shared row norm");
+  expect_near(dist[0][0].item<double>(), 1.0, 1e-15, "distance sample 0");
+  expect_near(dist[1][0].item<double>(), 2.0, 1e-15, "distance sample 1 (shared row)");
+  expect_near(dist[0][1].item<double>(), INFINITY, 0, "zero row");
+  expect_near(dist[0][2].item<double>(), 1.0 / std::sqrt(2.0), 1e-15, "abs numerator");
+
+  at::Tensor d = at::tensor({0.5, 0.1, 0.1, 2.0, 0.3}, at::kDouble).reshape({1, 5});
+  auto [value, index] = mmr::topk_hinge_cpu(d, 3, 1.0);
+  expect_near(index[0][0].item<int64_t>(), 1, 0, "top-k first index (tie -> smaller index)");
+  expect_near(index[0][1].item<int64_t>(), 2, 0, "top-k second index");
+  expect_near(index[0][2].item<int64_t>(), 4, 0, "top-k third index");
+  expect_near(value[0].item<double>(), (0.9 + 0.9 + 0.7) / 3.0, 1e-15, "top-k hinge mean");
+  at::Tensor grad = mmr::topk_hinge_backward_cpu(at::ones({1}, at::kDouble), d, index, 1.0);
+  expect_near(grad[0][1].item<double>(), -1.0 / 3.0, 1e-15, "top-k grad selected");
+  expect_near(grad[0][0].item<double>(), 0.0, 0, "top-k grad unselected");
+}
+
+}  // namespace
+
+int main() {
+  test_norms();
+  test_distances_and_hinge();
+  test_cpu_ops();
+  if (failures) {
+    std::printf("%d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("all C++ geometry tests passed\n");
+  return 0;
+}
