@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 import matplotlib
@@ -26,7 +25,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mmr_ext.radii import hull_radius, naive_radius, union_radius  # noqa: E402
 
 # dataset, input dimension, e1, e∞ (as written in the paper), e2 evaluated in the paper,

@@ -3,6 +3,8 @@
 
 #include <torch/extension.h>
 
+#include <vector>
+
 namespace {
 
 void check_floating(const at::Tensor& t, const char* name) {
@@ -17,7 +19,20 @@ void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const 
               a.scalar_type(), " and ", b.scalar_type());
 }
 
-void check_rows(const at::Tensor& f, const at::Tensor& rows, double q) {
+mmr::NormSet make_norms(const std::vector<double>& qs) {
+  TORCH_CHECK(!qs.empty() && qs.size() <= static_cast<size_t>(mmr::kMaxNorms), "qs must hold 1 to ",
+              mmr::kMaxNorms, " dual exponents, got ", qs.size());
+  mmr::NormSet norms;
+  for (double q : qs) {
+    TORCH_CHECK(q >= 1.0, "every q must be >= 1 (or inf), got ", q);
+    norms.q[norms.count] = q;
+    norms.kind[norms.count] = mmr::norm_kind(q);
+    ++norms.count;
+  }
+  return norms;
+}
+
+void check_rows(const at::Tensor& f, const at::Tensor& rows) {
   check_floating(rows, "rows");
   check_same(f, rows, "f", "rows");
   TORCH_CHECK(rows.dim() == 3, "rows must be 3-D [Br, R, D], got shape ", rows.sizes());
@@ -25,12 +40,12 @@ void check_rows(const at::Tensor& f, const at::Tensor& rows, double q) {
               "] (one entry per row and sample), got shape ", f.sizes());
   TORCH_CHECK(rows.size(0) == 1 || rows.size(0) == f.size(0), "rows must hold one row set per sample (",
               f.size(0), ") or one shared set, got ", rows.size(0));
-  TORCH_CHECK(q >= 1.0, "q must be >= 1 (or inf), got ", q);
 }
 
-std::tuple<at::Tensor, at::Tensor> row_distances(const at::Tensor& f, const at::Tensor& rows, double q,
-                                                 bool is_signed) {
-  check_rows(f, rows, q);
+std::tuple<at::Tensor, at::Tensor> row_distances(const at::Tensor& f, const at::Tensor& rows,
+                                                 const std::vector<double>& qs, bool is_signed) {
+  check_rows(f, rows);
+  const mmr::NormSet q = make_norms(qs);
 #ifdef WITH_CUDA
   if (rows.is_cuda()) return mmr::row_distances_cuda(f, rows, q, is_signed);
 #endif
@@ -40,14 +55,18 @@ std::tuple<at::Tensor, at::Tensor> row_distances(const at::Tensor& f, const at::
 
 std::tuple<at::Tensor, at::Tensor> row_distances_backward(const at::Tensor& grad, const at::Tensor& f,
                                                           const at::Tensor& rows, const at::Tensor& dist,
-                                                          const at::Tensor& norm, double q, bool is_signed) {
-  check_rows(f, rows, q);
+                                                          const at::Tensor& norm, const std::vector<double>& qs,
+                                                          bool is_signed) {
+  check_rows(f, rows);
+  const mmr::NormSet q = make_norms(qs);
   check_same(grad, rows, "grad", "rows");
   check_same(dist, rows, "dist", "rows");
   check_same(norm, rows, "norm", "rows");
-  TORCH_CHECK(grad.sizes() == f.sizes() && dist.sizes() == f.sizes(), "grad and dist must have the shape of f");
-  TORCH_CHECK(norm.dim() == 2 && norm.size(0) == rows.size(0) && norm.size(1) == rows.size(1),
-              "norm must have shape [Br, R]");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == q.count && grad.size(1) == f.size(0) && grad.size(2) == f.size(1) &&
+                  dist.sizes() == grad.sizes(),
+              "grad and dist must have shape [Q, B, R]");
+  TORCH_CHECK(norm.dim() == 3 && norm.size(0) == q.count && norm.size(1) == rows.size(0) && norm.size(2) == rows.size(1),
+              "norm must have shape [Q, Br, R]");
 #ifdef WITH_CUDA
   if (rows.is_cuda()) return mmr::row_distances_backward_cuda(grad, f, rows, dist, norm, q, is_signed);
 #endif
@@ -91,10 +110,11 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Native kernels of mmr_ext (row dual-norm distances, top-k hinge).";
-  m.def("row_distances", &row_distances, "Row distances |f| / ||row||_q (signed: f / ||row||_q) and row norms",
-        py::arg("f"), py::arg("rows"), py::arg("q"), py::arg("is_signed"));
+  m.def("row_distances", &row_distances,
+        "Row distances |f| / ||row||_q (signed: f / ||row||_q) and row norms for several dual exponents q",
+        py::arg("f"), py::arg("rows"), py::arg("qs"), py::arg("is_signed"));
   m.def("row_distances_backward", &row_distances_backward, "Backward of row_distances", py::arg("grad"),
-        py::arg("f"), py::arg("rows"), py::arg("dist"), py::arg("norm"), py::arg("q"), py::arg("is_signed"));
+        py::arg("f"), py::arg("rows"), py::arg("dist"), py::arg("norm"), py::arg("qs"), py::arg("is_signed"));
   m.def("topk_hinge", &topk_hinge, "Per-sample mean hinge over the k smallest distances, and their indices",
         py::arg("dist"), py::arg("k"), py::arg("gamma"));
   m.def("topk_hinge_backward", &topk_hinge_backward, "Backward of topk_hinge", py::arg("grad"), py::arg("dist"),

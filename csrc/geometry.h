@@ -30,23 +30,26 @@ MMR_HD acc_t abs_val(acc_t v) { return v < acc_t(0) ? -v : v; }
 template <typename acc_t>
 MMR_HD acc_t sign_of(acc_t v) { return v > acc_t(0) ? acc_t(1) : (v < acc_t(0) ? acc_t(-1) : acc_t(0)); }
 
-// Accumulator update of the first pass over a row: L1 sums |v|, L2 sums v^2, Linf and General
-// keep max |v| (General needs a second, scaled pass: general_term).
+// One pass over a row gathers what every dual norm needs: sum |v| (q = 1), sum v^2 (q = 2) and
+// max |v| (q = inf, and the scale of the general q-norm, whose power sum needs a second pass).
 template <typename acc_t>
-MMR_HD acc_t norm_accumulate(NormKind kind, acc_t acc, acc_t v) {
+struct RowStats {
+  acc_t l1 = 0, l2sq = 0, maxabs = 0;
+};
+
+template <typename acc_t>
+MMR_HD void stats_update(RowStats<acc_t>& s, acc_t v) {
   const acc_t a = abs_val(v);
-  switch (kind) {
-    case NormKind::L1: return acc + a;
-    case NormKind::L2: return acc + a * a;
-    default: return a > acc ? a : acc;
-  }
+  s.l1 += a;
+  s.l2sq += a * a;
+  s.maxabs = a > s.maxabs ? a : s.maxabs;
 }
 
-// Combines two partial accumulators (used by parallel reductions).
 template <typename acc_t>
-MMR_HD acc_t norm_combine(NormKind kind, acc_t a, acc_t b) {
-  if (kind == NormKind::L1 || kind == NormKind::L2) return a + b;
-  return a > b ? a : b;
+MMR_HD void stats_combine(RowStats<acc_t>& s, const RowStats<acc_t>& o) {
+  s.l1 += o.l1;
+  s.l2sq += o.l2sq;
+  s.maxabs = o.maxabs > s.maxabs ? o.maxabs : s.maxabs;
 }
 
 // Second-pass term of the general q-norm: (|v| / row_max)^q, summed over the row.
@@ -55,14 +58,14 @@ MMR_HD acc_t general_term(acc_t v, acc_t row_max, acc_t q) {
   return row_max > acc_t(0) ? pow(abs_val(v) / row_max, q) : acc_t(0);
 }
 
-// Turns the accumulators into ||row||_q.
+// ||row||_q from the row statistics (and, for general q, the scaled power sum).
 template <typename acc_t>
-MMR_HD acc_t norm_finalize(NormKind kind, acc_t acc, acc_t general_sum, acc_t q) {
+MMR_HD acc_t norm_from_stats(NormKind kind, const RowStats<acc_t>& s, acc_t general_sum, acc_t q) {
   switch (kind) {
-    case NormKind::L1: return acc;
-    case NormKind::L2: return sqrt(acc);
-    case NormKind::Linf: return acc;
-    default: return acc > acc_t(0) ? acc * pow(general_sum, acc_t(1) / q) : acc_t(0);
+    case NormKind::L1: return s.l1;
+    case NormKind::L2: return sqrt(s.l2sq);
+    case NormKind::Linf: return s.maxabs;
+    default: return s.maxabs > acc_t(0) ? s.maxabs * pow(general_sum, acc_t(1) / q) : acc_t(0);
   }
 }
 

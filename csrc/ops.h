@@ -2,23 +2,33 @@
 // in CUDA builds, a CUDA implementation (csrc/cuda); bindings.cpp dispatches on the device.
 #pragma once
 
+#include "geometry.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
 
 namespace mmr {
 
+// The dual norms one row-distance call computes (all from a single pass over each row).
+constexpr int kMaxNorms = 8;
+struct NormSet {
+  int count = 0;
+  double q[kMaxNorms];
+  NormKind kind[kMaxNorms];
+};
+
 // Row distances (MATH.md §2): for rows V [Br, R, D] (Br = B, or 1 when the rows are shared by the
-// whole batch) and pre-activations or margins f [B, R],
-// dist[b, r] = |f[b, r]| / ||V[b, r]||_q (or f / ||V||_q when is_signed), +inf for zero rows.
-// Returns (dist [B, R], norm [Br, R]); the norms are kept for the backward.
+// whole batch), pre-activations or margins f [B, R] and dual exponents q_k,
+// dist[k, b, r] = |f[b, r]| / ||V[b, r]||_qk (or f / ||V||_qk when is_signed), +inf for zero rows.
+// Returns (dist [Q, B, R], norm [Q, Br, R]); the norms are kept for the backward.
 std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f, const at::Tensor& rows,
-                                                     double q, bool is_signed);
+                                                     const NormSet& norms, bool is_signed);
 // Gradients of the row distances; rows whose incoming gradient is zero in every sample are skipped
 // (zero gradient), so the cost is proportional to the rows a loss actually selected.
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
     const at::Tensor& grad_dist, const at::Tensor& f, const at::Tensor& rows, const at::Tensor& dist,
-    const at::Tensor& norm, double q, bool is_signed);
+    const at::Tensor& norm, const NormSet& norms, bool is_signed);
 
 // Top-k hinge (MATH.md §6): per sample b, the k smallest entries of dist [B, N] (ties broken by
 // index), value_b = (1/k) sum_i max(0, 1 - d^i / gamma). Returns (value [B], index [B, k]) with the
@@ -29,10 +39,10 @@ at::Tensor topk_hinge_backward_cpu(const at::Tensor& grad_value, const at::Tenso
 
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> row_distances_cuda(const at::Tensor& f, const at::Tensor& rows,
-                                                      double q, bool is_signed);
+                                                      const NormSet& norms, bool is_signed);
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cuda(
     const at::Tensor& grad_dist, const at::Tensor& f, const at::Tensor& rows, const at::Tensor& dist,
-    const at::Tensor& norm, double q, bool is_signed);
+    const at::Tensor& norm, const NormSet& norms, bool is_signed);
 std::tuple<at::Tensor, at::Tensor> topk_hinge_cuda(const at::Tensor& dist, int64_t k, double gamma);
 at::Tensor topk_hinge_backward_cuda(const at::Tensor& grad_value, const at::Tensor& dist,
                                     const at::Tensor& index, double gamma);

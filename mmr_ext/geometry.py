@@ -375,9 +375,9 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     for block, slope in chain.hidden:
         f = block(g)
         rep = _apply_block(rep, block)
-        rows, f_flat = rep.rows(), f.reshape(B, -1)
-        for parts, q in zip(boundary, qs):
-            parts.append(row_distances(f_flat, rows, q)[0])
+        dist = row_distances(f.reshape(B, -1), rep.rows(), qs)[0]
+        for parts, d in zip(boundary, dist):
+            parts.append(d)
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = _mask(rep, mask)
@@ -387,9 +387,10 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     V = V.expand(B, -1, -1) if V.shape[0] == 1 else V
     c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
     diff = diff.transpose(1, 2)
+    decisions = row_distances(margin, diff, qs, is_signed=True)[0]
     out = []
-    for parts, q in zip(boundary, qs):
-        decision = row_distances(margin, diff, q, is_signed=True)[0].scatter(1, c[:, None], math.inf)
+    for parts, decision in zip(boundary, decisions):
+        decision = decision.scatter(1, c[:, None], math.inf)
         out.append((torch.cat(parts, dim=1) if parts else logits.new_zeros((B, 0)), decision))
     return out, logits
 

@@ -28,7 +28,7 @@ def _rows(shared: bool, dtype=torch.float64, B=4, R=7, D=13, seed=0):
 def test_row_distances_match_definition(p, shared, is_signed):
     q = mmr_ext.checks.dual_exponent(p)
     f, rows = _rows(shared)
-    dist, norm = ops.row_distances(f, rows, q, is_signed)
+    dist, norm = (t[0] for t in ops.row_distances(f, rows, [q], is_signed))
     expected_norm = dual_norm(rows, p)  # dual_norm takes the primal p
     torch.testing.assert_close(norm, expected_norm, rtol=1e-12, atol=0)
     num = f if is_signed else f.abs()
@@ -41,8 +41,8 @@ def test_row_distances_match_definition(p, shared, is_signed):
 def test_row_distances_float32(p):
     q = mmr_ext.checks.dual_exponent(p)
     f, rows = _rows(False, torch.float32)
-    dist, _ = ops.row_distances(f, rows, q)
-    ref, _ = ops.row_distances(f.double(), rows.double(), q)
+    dist = ops.row_distances(f, rows, [q])[0][0]
+    ref = ops.row_distances(f.double(), rows.double(), [q])[0][0]
     assert dist.dtype == torch.float32
     assert_distances_close(dist.double(), ref, 1e-5)
 
@@ -56,7 +56,7 @@ def test_row_distances_gradcheck(p, shared, is_signed):
     rows[:, 2] = torch.randn(rows.shape[0], 6, dtype=torch.float64)  # gradcheck needs finite outputs
     f.requires_grad_(True)
     rows.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.row_distances(a, b, q, is_signed)[0], (f, rows))
+    assert torch.autograd.gradcheck(lambda a, b: ops.row_distances(a, b, [q], is_signed)[0], (f, rows))
 
 
 def test_row_distances_gradcheck_linf_dual():
@@ -65,15 +65,15 @@ def test_row_distances_gradcheck_linf_dual():
     rows[:, 2] = torch.randn(rows.shape[0], 6, dtype=torch.float64)
     f.requires_grad_(True)
     rows.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.row_distances(a, b, math.inf)[0], (f, rows))
+    assert torch.autograd.gradcheck(lambda a, b: ops.row_distances(a, b, [math.inf, 2.0, 3.0])[0], (f, rows))
 
 
 def test_row_distances_backward_skips_unselected_rows():
     f, rows = _rows(False)
     f.requires_grad_(True)
     rows.requires_grad_(True)
-    dist, _ = ops.row_distances(f, rows, 2.0)
-    dist[:, 0].sum().backward()
+    dist = ops.row_distances(f, rows, [2.0, 1.0])[0]
+    dist[:, :, 0].sum().backward()
     assert rows.grad[:, 1:].abs().sum() == 0 and rows.grad[:, 0].abs().sum() > 0
     assert f.grad[:, 1:].abs().sum() == 0
 
@@ -212,11 +212,11 @@ def test_cuda_matches_cpu(p):
     q = mmr_ext.checks.dual_exponent(p)
     for shared in (False, True):
         f, rows = _rows(shared, torch.float32, B=9, R=300, D=77)
-        dist, norm = ops.row_distances(f, rows, q)
-        dist_c, norm_c = ops.row_distances(f.cuda(), rows.cuda(), q)
+        dist = ops.row_distances(f, rows, [q, 2.0])[0]
+        dist_c = ops.row_distances(f.cuda(), rows.cuda(), [q, 2.0])[0]
         assert_distances_close(dist_c.cpu().double(), dist.double(), 1e-5)
-        value, index = ops.topk_hinge(dist.nan_to_num(posinf=1e9), 20, 0.7)
-        value_c, index_c = ops.topk_hinge(dist_c.nan_to_num(posinf=1e9), 20, 0.7)
+        value, index = ops.topk_hinge(dist[0].nan_to_num(posinf=1e9), 20, 0.7)
+        value_c, index_c = ops.topk_hinge(dist_c[0].nan_to_num(posinf=1e9), 20, 0.7)
         assert torch.equal(index_c.cpu(), index)
         torch.testing.assert_close(value_c.cpu(), value, rtol=1e-5, atol=1e-6)
     model, x = make_model("cnn")
@@ -224,3 +224,23 @@ def test_cuda_matches_cpu(p):
     bc, dc = mmr_ext.region_distances(model.float().cuda(), x.float().cuda(), p)
     assert_distances_close(bc.cpu().double(), b.double(), 1e-4)
     assert_distances_close(dc.cpu().double(), d.double(), 1e-4)
+
+
+def test_several_norms_in_one_pass_equal_separate_calls_and_sum_gradients():
+    f, rows = _rows(False, R=6, D=9)
+    qs = [math.inf, 1.0, 2.0, 3.0]
+    f.requires_grad_(True)
+    rows.requires_grad_(True)
+    dist, norm = ops.row_distances(f, rows, qs)
+    weights = torch.rand(dist.shape, dtype=dist.dtype)
+    (dist.nan_to_num(posinf=0.0) * weights).sum().backward()
+    grad_f, grad_rows = f.grad.clone(), rows.grad.clone()
+    f.grad = rows.grad = None
+    total = 0
+    for k, q in enumerate(qs):
+        single, single_norm = ops.row_distances(f, rows, [q])
+        assert torch.equal(single[0], dist[k]) and torch.equal(single_norm[0], norm[k])
+        total = total + (single[0].nan_to_num(posinf=0.0) * weights[k]).sum()
+    total.backward()
+    torch.testing.assert_close(grad_f, f.grad, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_rows, rows.grad, rtol=1e-12, atol=1e-14)

@@ -17,28 +17,31 @@ namespace mmr {
 
 namespace {
 
-// ||row||_q of one contiguous row, accumulated in acc_t.
+// ||row||_q for every requested q from one statistics pass (plus one pass per general q).
 template <typename scalar_t, typename acc_t>
-acc_t row_norm(const scalar_t* row, int64_t D, NormKind kind, acc_t q) {
-  acc_t acc = 0;
-  for (int64_t i = 0; i < D; ++i) acc = norm_accumulate<acc_t>(kind, acc, static_cast<acc_t>(row[i]));
-  acc_t general_sum = 0;
-  if (kind == NormKind::General) {
-    for (int64_t i = 0; i < D; ++i) general_sum += general_term<acc_t>(static_cast<acc_t>(row[i]), acc, q);
+void row_norms(const scalar_t* row, int64_t D, const NormSet& norms, acc_t* out) {
+  RowStats<acc_t> st;
+  for (int64_t i = 0; i < D; ++i) stats_update<acc_t>(st, static_cast<acc_t>(row[i]));
+  for (int k = 0; k < norms.count; ++k) {
+    acc_t general_sum = 0;
+    const acc_t q = static_cast<acc_t>(norms.q[k]);
+    if (norms.kind[k] == NormKind::General) {
+      for (int64_t i = 0; i < D; ++i) general_sum += general_term<acc_t>(static_cast<acc_t>(row[i]), st.maxabs, q);
+    }
+    out[k] = norm_from_stats<acc_t>(norms.kind[k], st, general_sum, q);
   }
-  return norm_finalize<acc_t>(kind, acc, general_sum, q);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, const at::Tensor& rows_in,
-                                                     double q, bool is_signed) {
+                                                     const NormSet& norms, bool is_signed) {
   const at::Tensor f = f_in.contiguous();
   const at::Tensor rows = rows_in.contiguous();
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
-  at::Tensor dist = at::empty({B, R}, f.options());
-  at::Tensor norm = at::empty({Br, R}, f.options());
-  const NormKind kind = norm_kind(q);
+  const int Q = norms.count;
+  at::Tensor dist = at::empty({Q, B, R}, f.options());
+  at::Tensor norm = at::empty({Q, Br, R}, f.options());
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     const scalar_t* rp = rows.data_ptr<scalar_t>();
@@ -47,17 +50,19 @@ std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, con
     scalar_t* np = norm.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
     at::parallel_for(0, Br * R, grain, [&](int64_t begin, int64_t end) {
+      acc_t n[kMaxNorms];
       for (int64_t t = begin; t < end; ++t) {
-        np[t] = static_cast<scalar_t>(row_norm<scalar_t, acc_t>(rp + t * D, D, kind, static_cast<acc_t>(q)));
+        row_norms<scalar_t, acc_t>(rp + t * D, D, norms, n);
+        for (int k = 0; k < Q; ++k) np[k * Br * R + t] = static_cast<scalar_t>(n[k]);
       }
     });
     // Distances of every sample; a shared row set (Br == 1) serves the whole batch.
-    at::parallel_for(0, B * R, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, Q * B * R, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / R, r = t % R;
-        const acc_t n = static_cast<acc_t>(np[(Br == 1 ? 0 : b) * R + r]);
-        const acc_t fv = static_cast<acc_t>(fp[t]);
-        dp[t] = static_cast<scalar_t>(is_signed ? signed_distance<acc_t>(fv, n) : hyperplane_distance<acc_t>(fv, n));
+        const int64_t k = t / (B * R), b = (t / R) % B, r = t % R;
+        const acc_t nv = static_cast<acc_t>(np[(k * Br + (Br == 1 ? 0 : b)) * R + r]);
+        const acc_t fv = static_cast<acc_t>(fp[b * R + r]);
+        dp[t] = static_cast<scalar_t>(is_signed ? signed_distance<acc_t>(fv, nv) : hyperplane_distance<acc_t>(fv, nv));
       }
     });
   });
@@ -66,13 +71,13 @@ std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, con
 
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& rows_in, const at::Tensor& dist_in,
-    const at::Tensor& norm_in, double q, bool is_signed) {
+    const at::Tensor& norm_in, const NormSet& norms, bool is_signed) {
   const at::Tensor grad = grad_in.contiguous(), f = f_in.contiguous(), rows = rows_in.contiguous();
   const at::Tensor dist = dist_in.contiguous(), norm = norm_in.contiguous();
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
+  const int Q = norms.count;
   at::Tensor grad_f = at::zeros_like(f);
   at::Tensor grad_rows = at::zeros_like(rows);
-  const NormKind kind = norm_kind(q);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_backward_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     const scalar_t* rp = rows.data_ptr<scalar_t>();
@@ -84,32 +89,48 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
     scalar_t* grp = grad_rows.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
     at::parallel_for(0, Br * R, grain, [&](int64_t begin, int64_t end) {
+      acc_t coeff[kMaxNorms], n[kMaxNorms];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t br = t / R, r = t % R;
-        const acc_t n = static_cast<acc_t>(np[t]);
-        if (!(n > acc_t(0))) continue;  // zero row: +inf distance, zero gradient
-        // d = |f| / n (or f / n): dd/df = sign(f) / n (or 1 / n), dd/dn = -d / n, summed over the
-        // samples that share this row.
-        acc_t coeff = 0;
         const int64_t b_begin = Br == 1 ? 0 : br, b_end = Br == 1 ? B : br + 1;
-        for (int64_t b = b_begin; b < b_end; ++b) {
-          const acc_t g = static_cast<acc_t>(gp[b * R + r]);
-          if (g == acc_t(0)) continue;
-          const acc_t fv = static_cast<acc_t>(fp[b * R + r]);
-          gfp[b * R + r] = static_cast<scalar_t>(g * (is_signed ? acc_t(1) : sign_of(fv)) / n);
-          coeff -= g * static_cast<acc_t>(dp[b * R + r]) / n;
+        bool any = false, need_ties = false;
+        for (int k = 0; k < Q; ++k) {
+          n[k] = static_cast<acc_t>(np[k * Br * R + t]);
+          coeff[k] = 0;
+          if (!(n[k] > acc_t(0))) continue;  // zero row: +inf distance, zero gradient
+          // d = |f| / n (or f / n): dd/df = sign(f) / n (or 1 / n), dd/dn = -d / n, summed over the
+          // samples that share this row.
+          for (int64_t b = b_begin; b < b_end; ++b) {
+            const int64_t i = (k * B + b) * R + r;
+            const acc_t g = static_cast<acc_t>(gp[i]);
+            if (g == acc_t(0)) continue;
+            const acc_t fv = static_cast<acc_t>(fp[b * R + r]);
+            gfp[b * R + r] = static_cast<scalar_t>(static_cast<acc_t>(gfp[b * R + r]) +
+                                                   g * (is_signed ? acc_t(1) : sign_of(fv)) / n[k]);
+            coeff[k] -= g * static_cast<acc_t>(dp[i]) / n[k];
+          }
+          any = any || coeff[k] != acc_t(0);
+          need_ties = need_ties || (coeff[k] != acc_t(0) && norms.kind[k] == NormKind::Linf);
         }
-        if (coeff == acc_t(0)) continue;
+        if (!any) continue;
         const scalar_t* row = rp + t * D;
         acc_t ties = 1;
-        if (kind == NormKind::Linf) {
+        if (need_ties) {
+          acc_t maxabs = 0;
+          for (int k = 0; k < Q; ++k) if (norms.kind[k] == NormKind::Linf) maxabs = n[k];
           ties = 0;
-          for (int64_t i = 0; i < D; ++i) ties += abs_val(static_cast<acc_t>(row[i])) == n ? acc_t(1) : acc_t(0);
+          for (int64_t i = 0; i < D; ++i) ties += abs_val(static_cast<acc_t>(row[i])) == maxabs ? acc_t(1) : acc_t(0);
         }
         scalar_t* out = grp + t * D;
         for (int64_t i = 0; i < D; ++i) {
-          out[i] = static_cast<scalar_t>(coeff * norm_grad<acc_t>(kind, static_cast<acc_t>(row[i]), n,
-                                                                  static_cast<acc_t>(q), ties));
+          const acc_t v = static_cast<acc_t>(row[i]);
+          acc_t total = 0;
+          for (int k = 0; k < Q; ++k) {
+            if (coeff[k] != acc_t(0)) {
+              total += coeff[k] * norm_grad<acc_t>(norms.kind[k], v, n[k], static_cast<acc_t>(norms.q[k]), ties);
+            }
+          }
+          out[i] = static_cast<scalar_t>(total);
         }
       }
     });

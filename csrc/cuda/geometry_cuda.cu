@@ -28,42 +28,56 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_combine(NormKind kind, T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v = norm_combine<T>(kind, v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
+template <typename acc_t>
+__device__ __forceinline__ RowStats<acc_t> warp_stats(RowStats<acc_t> s) {
+  for (int off = kWarp / 2; off > 0; off /= 2) {
+    RowStats<acc_t> o;
+    o.l1 = __shfl_xor_sync(0xffffffffu, s.l1, off);
+    o.l2sq = __shfl_xor_sync(0xffffffffu, s.l2sq, off);
+    o.maxabs = __shfl_xor_sync(0xffffffffu, s.maxabs, off);
+    stats_combine<acc_t>(s, o);
+  }
+  return s;
 }
 
+// Every requested ||row||_q, computed by one warp (all lanes get the results).
 template <typename scalar_t, typename acc_t>
-__device__ acc_t warp_row_norm(const scalar_t* row, int64_t D, NormKind kind, acc_t q, int lane) {
-  acc_t acc = 0;
-  for (int64_t i = lane; i < D; i += kWarp) acc = norm_accumulate<acc_t>(kind, acc, static_cast<acc_t>(row[i]));
-  acc = warp_combine<acc_t>(kind, acc);
-  acc_t general_sum = 0;
-  if (kind == NormKind::General) {
-    for (int64_t i = lane; i < D; i += kWarp) general_sum += general_term<acc_t>(static_cast<acc_t>(row[i]), acc, q);
-    general_sum = warp_sum<acc_t>(general_sum);
+__device__ void warp_row_norms(const scalar_t* row, int64_t D, const NormSet& norms, int lane, acc_t* out) {
+  RowStats<acc_t> st;
+  for (int64_t i = lane; i < D; i += kWarp) stats_update<acc_t>(st, static_cast<acc_t>(row[i]));
+  st = warp_stats<acc_t>(st);
+  for (int k = 0; k < norms.count; ++k) {
+    const acc_t q = static_cast<acc_t>(norms.q[k]);
+    acc_t general_sum = 0;
+    if (norms.kind[k] == NormKind::General) {
+      for (int64_t i = lane; i < D; i += kWarp) general_sum += general_term<acc_t>(static_cast<acc_t>(row[i]), st.maxabs, q);
+      general_sum = warp_sum<acc_t>(general_sum);
+    }
+    out[k] = norm_from_stats<acc_t>(norms.kind[k], st, general_sum, q);
   }
-  return norm_finalize<acc_t>(kind, acc, general_sum, q);
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void row_norms_kernel(const scalar_t* __restrict__ rows, scalar_t* __restrict__ norm, int64_t rows_total,
-                                 int64_t D, NormKind kind, acc_t q) {
+                                 int64_t D, NormSet norms) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (t >= rows_total) return;
-  const acc_t n = warp_row_norm<scalar_t, acc_t>(rows + t * D, D, kind, q, threadIdx.x);
-  if (threadIdx.x == 0) norm[t] = static_cast<scalar_t>(n);
+  acc_t n[kMaxNorms];
+  warp_row_norms<scalar_t, acc_t>(rows + t * D, D, norms, threadIdx.x, n);
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < norms.count; ++k) norm[k * rows_total + t] = static_cast<scalar_t>(n[k]);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void distances_kernel(const scalar_t* __restrict__ f, const scalar_t* __restrict__ norm,
-                                 scalar_t* __restrict__ dist, int64_t B, int64_t Br, int64_t R, bool is_signed) {
+                                 scalar_t* __restrict__ dist, int64_t Q, int64_t B, int64_t Br, int64_t R,
+                                 bool is_signed) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= B * R) return;
-  const int64_t b = t / R, r = t % R;
-  const acc_t n = static_cast<acc_t>(norm[(Br == 1 ? 0 : b) * R + r]);
-  const acc_t fv = static_cast<acc_t>(f[t]);
+  if (t >= Q * B * R) return;
+  const int64_t k = t / (B * R), b = (t / R) % B, r = t % R;
+  const acc_t n = static_cast<acc_t>(norm[(k * Br + (Br == 1 ? 0 : b)) * R + r]);
+  const acc_t fv = static_cast<acc_t>(f[b * R + r]);
   dist[t] = static_cast<scalar_t>(is_signed ? signed_distance<acc_t>(fv, n) : hyperplane_distance<acc_t>(fv, n));
 }
 
@@ -72,33 +86,51 @@ __global__ void row_distances_backward_kernel(const scalar_t* __restrict__ grad,
                                               const scalar_t* __restrict__ rows, const scalar_t* __restrict__ dist,
                                               const scalar_t* __restrict__ norm, scalar_t* __restrict__ grad_f,
                                               scalar_t* __restrict__ grad_rows, int64_t B, int64_t Br, int64_t R,
-                                              int64_t D, NormKind kind, acc_t q, bool is_signed) {
+                                              int64_t D, NormSet norms, bool is_signed) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (t >= Br * R) return;
   const int lane = threadIdx.x;
   const int64_t br = t / R, r = t % R;
-  const acc_t n = static_cast<acc_t>(norm[t]);
-  if (!(n > acc_t(0))) return;  // outputs were zero-initialised
   const int64_t b_begin = Br == 1 ? 0 : br, b_end = Br == 1 ? B : br + 1;
-  acc_t coeff = 0;
-  for (int64_t b = b_begin + lane; b < b_end; b += kWarp) {
-    const acc_t g = static_cast<acc_t>(grad[b * R + r]);
-    if (g == acc_t(0)) continue;
-    const acc_t fv = static_cast<acc_t>(f[b * R + r]);
-    grad_f[b * R + r] = static_cast<scalar_t>(g * (is_signed ? acc_t(1) : sign_of(fv)) / n);
-    coeff -= g * static_cast<acc_t>(dist[b * R + r]) / n;
+  acc_t coeff[kMaxNorms], n[kMaxNorms];
+  bool any = false, need_ties = false;
+  acc_t linf = 0;
+  for (int k = 0; k < norms.count; ++k) {
+    n[k] = static_cast<acc_t>(norm[k * Br * R + t]);
+    coeff[k] = 0;
+    if (!(n[k] > acc_t(0))) continue;
+    // Each lane owns a subset of the samples, so grad_f entries have a single writer.
+    for (int64_t b = b_begin + lane; b < b_end; b += kWarp) {
+      const int64_t i = (k * B + b) * R + r;
+      const acc_t g = static_cast<acc_t>(grad[i]);
+      if (g == acc_t(0)) continue;
+      const acc_t fv = static_cast<acc_t>(f[b * R + r]);
+      grad_f[b * R + r] = static_cast<scalar_t>(static_cast<acc_t>(grad_f[b * R + r]) +
+                                                g * (is_signed ? acc_t(1) : sign_of(fv)) / n[k]);
+      coeff[k] -= g * static_cast<acc_t>(dist[i]) / n[k];
+    }
+    coeff[k] = warp_sum<acc_t>(coeff[k]);
+    any = any || coeff[k] != acc_t(0);
+    if (coeff[k] != acc_t(0) && norms.kind[k] == NormKind::Linf) {
+      need_ties = true;
+      linf = n[k];
+    }
   }
-  coeff = warp_sum<acc_t>(coeff);
-  if (coeff == acc_t(0)) return;
+  if (!any) return;  // outputs were zero-initialised
   const scalar_t* row = rows + t * D;
   acc_t ties = 1;
-  if (kind == NormKind::Linf) {
+  if (need_ties) {
     acc_t count = 0;
-    for (int64_t i = lane; i < D; i += kWarp) count += abs_val(static_cast<acc_t>(row[i])) == n ? acc_t(1) : acc_t(0);
+    for (int64_t i = lane; i < D; i += kWarp) count += abs_val(static_cast<acc_t>(row[i])) == linf ? acc_t(1) : acc_t(0);
     ties = warp_sum<acc_t>(count);
   }
   for (int64_t i = lane; i < D; i += kWarp) {
-    grad_rows[t * D + i] = static_cast<scalar_t>(coeff * norm_grad<acc_t>(kind, static_cast<acc_t>(row[i]), n, q, ties));
+    const acc_t v = static_cast<acc_t>(row[i]);
+    acc_t total = 0;
+    for (int k = 0; k < norms.count; ++k) {
+      if (coeff[k] != acc_t(0)) total += coeff[k] * norm_grad<acc_t>(norms.kind[k], v, n[k], static_cast<acc_t>(norms.q[k]), ties);
+    }
+    grad_rows[t * D + i] = static_cast<scalar_t>(total);
   }
 }
 
@@ -142,24 +174,24 @@ __global__ void topk_hinge_backward_kernel(const scalar_t* __restrict__ grad, co
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> row_distances_cuda(const at::Tensor& f_in, const at::Tensor& rows_in,
-                                                      double q, bool is_signed) {
+                                                      const NormSet& norms, bool is_signed) {
   const c10::cuda::CUDAGuard guard(rows_in.device());
   const at::Tensor f = f_in.contiguous(), rows = rows_in.contiguous();
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
-  at::Tensor dist = at::empty({B, R}, f.options());
-  at::Tensor norm = at::empty({Br, R}, f.options());
+  const int64_t Q = norms.count;
+  at::Tensor dist = at::empty({Q, B, R}, f.options());
+  at::Tensor norm = at::empty({Q, Br, R}, f.options());
   if (B * R == 0) return {dist, norm};
-  const NormKind kind = norm_kind(q);
   const dim3 block(kWarp, kRowsPerBlock);
   const int threads = 256;
-  const unsigned int dist_blocks = static_cast<unsigned int>((B * R + threads - 1) / threads);
+  const unsigned int dist_blocks = static_cast<unsigned int>((Q * B * R + threads - 1) / threads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     row_norms_kernel<scalar_t, acc_t><<<row_blocks(Br * R), block, 0, stream>>>(
-        rows.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), Br * R, D, kind, static_cast<acc_t>(q));
+        rows.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), Br * R, D, norms);
     distances_kernel<scalar_t, acc_t><<<dist_blocks, threads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(), B, Br, R, is_signed);
+        f.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(), Q, B, Br, R, is_signed);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dist, norm};
@@ -167,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> row_distances_cuda(const at::Tensor& f_in, co
 
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& rows_in, const at::Tensor& dist_in,
-    const at::Tensor& norm_in, double q, bool is_signed) {
+    const at::Tensor& norm_in, const NormSet& norms, bool is_signed) {
   const c10::cuda::CUDAGuard guard(rows_in.device());
   const at::Tensor grad = grad_in.contiguous(), f = f_in.contiguous(), rows = rows_in.contiguous();
   const at::Tensor dist = dist_in.contiguous(), norm = norm_in.contiguous();
@@ -175,14 +207,13 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cuda(
   at::Tensor grad_f = at::zeros_like(f);
   at::Tensor grad_rows = at::zeros_like(rows);
   if (Br * R == 0) return {grad_f, grad_rows};
-  const NormKind kind = norm_kind(q);
   const dim3 block(kWarp, kRowsPerBlock);
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     row_distances_backward_kernel<scalar_t, acc_t><<<row_blocks(Br * R), block, 0, at::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), f.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(),
-        norm.data_ptr<scalar_t>(), grad_f.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), B, Br, R, D, kind,
-        static_cast<acc_t>(q), is_signed);
+        norm.data_ptr<scalar_t>(), grad_f.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), B, Br, R, D, norms,
+        is_signed);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_f, grad_rows};

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <initializer_list>
 #include <vector>
 
 namespace {
@@ -22,12 +23,23 @@ void expect_near(double actual, double expected, double tol, const char* what) {
 
 double norm_of(const std::vector<double>& v, double q) {
   const mmr::NormKind kind = mmr::norm_kind(q);
-  double acc = 0, general = 0;
-  for (double x : v) acc = mmr::norm_accumulate<double>(kind, acc, x);
+  mmr::RowStats<double> st;
+  for (double x : v) mmr::stats_update<double>(st, x);
+  double general = 0;
   if (kind == mmr::NormKind::General) {
-    for (double x : v) general += mmr::general_term<double>(x, acc, q);
+    for (double x : v) general += mmr::general_term<double>(x, st.maxabs, q);
   }
-  return mmr::norm_finalize<double>(kind, acc, general, q);
+  return mmr::norm_from_stats<double>(kind, st, general, q);
+}
+
+mmr::NormSet norm_set(std::initializer_list<double> qs) {
+  mmr::NormSet norms;
+  for (double q : qs) {
+    norms.q[norms.count] = q;
+    norms.kind[norms.count] = mmr::norm_kind(q);
+    ++norms.count;
+  }
+  return norms;
 }
 
 void test_norms() {
@@ -62,12 +74,14 @@ void test_distances_and_hinge() {
 void test_cpu_ops() {
   at::Tensor rows = at::tensor({3.0, 4.0, 0.0, 0.0, 1.0, -1.0}, at::kDouble).reshape({1, 3, 2});
   at::Tensor f = at::tensor({5.0, 2.0, -1.0, 10.0, 0.0, 3.0}, at::kDouble).reshape({2, 3});
-  auto [dist, norm] = mmr::row_distances_cpu(f, rows, 2.0, false);
-  expect_near(norm[0][0].item<double>(), 5.0, 1e-15, "shared row norm");
-  expect_near(dist[0][0].item<double>(), 1.0, 1e-15, "distance sample 0");
-  expect_near(dist[1][0].item<double>(), 2.0, 1e-15, "distance sample 1 (shared row)");
-  expect_near(dist[0][1].item<double>(), INFINITY, 0, "zero row");
-  expect_near(dist[0][2].item<double>(), 1.0 / std::sqrt(2.0), 1e-15, "abs numerator");
+  auto [dist, norm] = mmr::row_distances_cpu(f, rows, norm_set({2.0, 1.0}), false);
+  expect_near(norm[0][0][0].item<double>(), 5.0, 1e-15, "shared row norm");
+  expect_near(norm[1][0][0].item<double>(), 7.0, 1e-15, "second norm from the same pass");
+  expect_near(dist[0][0][0].item<double>(), 1.0, 1e-15, "distance sample 0");
+  expect_near(dist[0][1][0].item<double>(), 2.0, 1e-15, "distance sample 1 (shared row)");
+  expect_near(dist[0][0][1].item<double>(), INFINITY, 0, "zero row");
+  expect_near(dist[0][0][2].item<double>(), 1.0 / std::sqrt(2.0), 1e-15, "abs numerator");
+  expect_near(dist[1][1][0].item<double>(), 10.0 / 7.0, 1e-15, "l1 dual distance");
 
   at::Tensor d = at::tensor({0.5, 0.1, 0.1, 2.0, 0.3}, at::kDouble).reshape({1, 5});
   auto [value, index] = mmr::topk_hinge_cpu(d, 3, 1.0);
