@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
+from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, linear_part, parse_model
 from .checks import check_input, check_labels, dual_exponent
 from .layers import Normalize
 from .native import native_or_warn
@@ -41,9 +41,14 @@ def _pair(v) -> Tuple[int, int]:
 class Dense:
     V: Optional[torch.Tensor]  # [Bp, n, d]; None means the identity (the raw input)
     d: int
+    mask: Optional[torch.Tensor] = None  # [B, n] per-sample row scales not yet multiplied into V
+
+    def materialize(self) -> "Dense":
+        V = self.V if self.V is not None else torch.eye(self.d, dtype=self.mask.dtype, device=self.mask.device)[None]
+        return Dense(V * self.mask[:, :, None], self.d) if self.mask is not None else Dense(V, self.d)
 
     def rows(self) -> torch.Tensor:
-        return self.V
+        return self.materialize().V
 
 
 @dataclass
@@ -117,17 +122,15 @@ def _scale_units(rep, scale: torch.Tensor):
         if s.numel() != C:
             raise Unsupported("channel count mismatch")
         return replace(rep, P=rep.P * s.reshape(1, C, 1, 1, 1, 1, 1))
-    V = rep.V
-    if V is None:
-        n = rep.d
-        s = scale.expand(n) if scale.numel() == 1 else scale
-        if s.numel() != n:
-            raise Unsupported("per-feature scale on flat input")
-        return Dense(torch.diag(s)[None], rep.d)
-    s = scale.expand(V.shape[1]) if scale.numel() == 1 else scale
-    if s.numel() != V.shape[1]:
+    n = rep.d if rep.V is None else rep.V.shape[1]
+    s = scale.expand(n) if scale.numel() == 1 else scale
+    if s.numel() != n:
         raise Unsupported("per-feature scale size mismatch")
-    return Dense(V * s.reshape(1, -1, 1), rep.d)
+    if rep.V is None:
+        return Dense(torch.diag(s)[None], rep.d)
+    if rep.mask is not None:  # a diagonal scale folds into the pending mask
+        return replace(rep, mask=rep.mask * s)
+    return Dense(rep.V * s.reshape(1, -1, 1), rep.d)
 
 
 def _overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
@@ -267,17 +270,81 @@ def _flatten(rep, layer: nn.Flatten):
     return replace(rep, flat=True)
 
 
-def _linear(rep, layer: nn.Linear):
+def _linear(rep, layer: nn.Linear, trace: list):
     W = layer.weight
     if isinstance(rep, Dense):
-        if rep.V is None:
+        if rep.V is None and rep.mask is None:
             return Dense(W[None], rep.d)
-        return Dense(torch.matmul(W, rep.V), rep.d)
+        if rep.mask is not None and rep.V is not None:  # (W Σ) V: the mask scales W's columns
+            return Dense(torch.matmul(W * rep.mask[:, None, :], rep.V), rep.d)
+        return Dense(torch.matmul(W, rep.materialize().V), rep.d)
     if not rep.flat:
         raise Unsupported("Linear on unflattened feature maps")
     if isinstance(rep, KernelPatches):
         return _kernel_to_dense(rep, W)
-    return _patches_to_dense(rep, W)
+    if PATCH_COST_WEIGHT * _patch_macs(rep, W.shape[0]) <= _reverse_macs(trace, W.shape[0]):
+        return _patches_to_dense(rep, W)
+    return _reverse_rows(W, trace, rep.in_shape)
+
+
+# Per-MAC cost of the patch contraction + overlap-add relative to the transposed convolutions of
+# the reverse order, measured on this project's CPU machines (memory traffic of the patches).
+PATCH_COST_WEIGHT = 6.0
+
+
+def _patch_macs(rep: Patches, O: int) -> float:
+    C, H, W = rep.P.shape[1:4]
+    return float(O * C * H * W * rep.P[0, 0, 0, 0].numel())
+
+
+def _reverse_macs(trace: list, O: int) -> float:
+    total = 0.0
+    for entry in trace:
+        if isinstance(entry, torch.Tensor):
+            continue
+        layer, in_shape, out_shape = entry
+        n_out = math.prod(out_shape)
+        if isinstance(layer, nn.Conv2d):
+            total += n_out * layer.weight[0].numel()
+        elif isinstance(layer, nn.Linear):
+            total += layer.weight.numel()
+        else:
+            total += n_out * (math.prod(_pair(layer.kernel_size)) if isinstance(layer, nn.AvgPool2d) else 1)
+    return O * total
+
+
+def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, ...]) -> torch.Tensor:
+    """The transposed linear part of one layer: rows [N, *out_shape] -> [N, *in_shape]."""
+    N = rows.shape[0]
+    if isinstance(layer, nn.Linear):
+        return rows @ layer.weight
+    if isinstance(layer, nn.Conv2d):
+        k, s, p, d = (_pair(v) for v in (layer.kernel_size, layer.stride, layer.padding, layer.dilation))
+        extra = tuple(n_in - ((n_out - 1) * si - 2 * pi + di * (ki - 1) + 1)
+                      for n_in, n_out, ki, si, pi, di in zip(in_shape[1:], rows.shape[-2:], k, s, p, d))
+        return F.conv_transpose2d(rows, layer.weight, None, s, p, extra, layer.groups, d)
+    if isinstance(layer, nn.AvgPool2d):
+        return torch.ops.aten.avg_pool2d_backward(
+            rows, rows.new_empty((N,) + tuple(in_shape)), _pair(layer.kernel_size),
+            _pair(layer.stride if layer.stride is not None else layer.kernel_size), _pair(layer.padding),
+            layer.ceil_mode, layer.count_include_pad, layer.divisor_override)
+    if isinstance(layer, nn.Flatten):
+        return rows.reshape((N,) + tuple(in_shape))
+    return linear_part(layer, rows)  # BatchNorm, Normalize: diagonal, their own transpose
+
+
+def _reverse_rows(W: torch.Tensor, trace: list, in_shape) -> Dense:
+    """Rows of W applied after the traced layers, by walking them backwards (vector-Jacobian order)."""
+    rows = W[None]
+    for entry in reversed(trace):
+        Bp, O = rows.shape[:2]
+        if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
+            rows = rows * entry[:, None]
+            continue
+        layer, layer_in, _ = entry
+        flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in)
+        rows = flat.reshape((Bp, O) + tuple(layer_in))
+    return Dense(rows.reshape(rows.shape[0], rows.shape[1], -1), math.prod(in_shape))
 
 
 def _kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
@@ -289,6 +356,9 @@ def _kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
     if rep.mask is not None:
         T = T * rep.mask[:, None]
     Bp = T.shape[0]
+    if rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1):  # per-pixel channel map (e.g. the raw input)
+        canvas = torch.einsum("bochw,ci->boihw", T, rep.K[:, :, 0, 0]).reshape(Bp * O, -1, H, Wd)
+        return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
     canvas = F.conv_transpose2d(T.reshape(Bp * O, C, H, Wd), rep.K, stride=rep.stride)
     return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
 
@@ -314,9 +384,9 @@ def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
     return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
 
 
-def _apply_layer(rep, layer: nn.Module):
+def _apply_layer(rep, layer: nn.Module, trace: list):
     if isinstance(layer, nn.Linear):
-        return _linear(rep, layer)
+        return _linear(rep, layer, trace)
     if isinstance(layer, nn.Conv2d):
         return _conv(rep, layer)
     if isinstance(layer, nn.AvgPool2d):
@@ -332,10 +402,14 @@ def _apply_layer(rep, layer: nn.Module):
     raise Unsupported(type(layer).__name__)
 
 
-def _apply_block(rep, block: AffineBlock):
+def _apply_block(rep, block: AffineBlock, g: torch.Tensor, trace: list):
+    """Rows and outputs of one block; appends (layer, input shape, output shape) to the trace."""
     for layer in block.layers:
-        rep = _apply_layer(rep, layer)
-    return rep
+        rep = _apply_layer(rep, layer, trace)
+        out = layer(g)
+        trace.append((layer, tuple(g.shape[1:]), tuple(out.shape[1:])))
+        g = out
+    return rep, g
 
 
 def _mask(rep, mask: torch.Tensor):
@@ -347,15 +421,14 @@ def _mask(rep, mask: torch.Tensor):
         rep = rep.materialize()
     if isinstance(rep, Patches):
         return replace(rep, P=rep.P * mask.reshape(B, *rep.P.shape[1:4], 1, 1, 1))
-    V = rep.V
-    if V is None:
-        V = torch.eye(rep.d, dtype=mask.dtype, device=mask.device)[None]
-    return Dense(V * mask.reshape(B, -1, 1), rep.d)
+    if rep.mask is None and rep.V is not None and rep.V.shape[0] == 1:
+        return replace(rep, mask=mask.reshape(B, -1))  # shared rows: keep Σ aside for the next product
+    return Dense(rep.materialize().V * mask.reshape(B, -1, 1), rep.d)
 
 
 def _to_dense(rep) -> Dense:
     if isinstance(rep, Dense):
-        return rep
+        return rep.materialize()
     if isinstance(rep, KernelPatches):
         rep = rep.materialize()
     C, H, W = rep.P.shape[1:4]
@@ -371,19 +444,21 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     B = x.shape[0]
     rep = _identity(x)
     g = x
+    trace: list = []  # layers and masks so far, for rows computed in reverse order
     boundary: List[List[torch.Tensor]] = [[] for _ in qs]
     for block, slope in chain.hidden:
-        f = block(g)
-        rep = _apply_block(rep, block)
+        rep, f = _apply_block(rep, block, g, trace)
         dist = row_distances(f.reshape(B, -1), rep.rows(), qs)[0]
         for parts, d in zip(boundary, dist):
             parts.append(d)
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = _mask(rep, mask)
-    logits = chain.logits_block(g).reshape(B, -1)
+        trace.append(mask)
+    rep, logits = _apply_block(rep, chain.logits_block, g, trace)
+    logits = logits.reshape(B, -1)
     check_labels(labels, B, logits.shape[1], x.device)
-    V = _to_dense(_apply_block(rep, chain.logits_block)).V
+    V = _to_dense(rep).V
     V = V.expand(B, -1, -1) if V.shape[0] == 1 else V
     c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
     diff = diff.transpose(1, 2)

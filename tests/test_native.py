@@ -126,6 +126,19 @@ def test_fast_path_matches_reference_float64(name, p):
     assert_distances_close(decision, ref_decision, 1e-10)
 
 
+@pytest.mark.parametrize("weight", [0.0, math.inf])
+@pytest.mark.parametrize("name", ["cnn", "paper_cnn"])
+def test_patch_and_reverse_orders_agree_with_reference(monkeypatch, weight, name):
+    """Rows of a Linear after conv layers: forced patch contraction (weight 0) or reverse order (inf)."""
+    monkeypatch.setattr(mmr_ext.geometry, "PATCH_COST_WEIGHT", weight)
+    model, x = make_model(name)
+    for p in (1, 2.5, math.inf):
+        boundary, decision = mmr_ext.region_distances(model, x, p)
+        ref_boundary, ref_decision = mmr_ext.region_distances_reference(model, x, p)
+        assert_distances_close(boundary, ref_boundary, 1e-10)
+        assert_distances_close(decision, ref_decision, 1e-10)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("p", [1, 2, math.inf])
 def test_fast_path_float32_against_float64_reference(name, p):
