@@ -6,16 +6,24 @@ native (C++/CUDA) kernels for the linear-region geometry. See README.md and MATH
 import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 
 from .box import box_distance, box_min_distance
+from .certificates import Certificate, certify
 from .geometry import region_distances
 from .layers import Normalize
 from .losses import MMRLoss, UniversalLoss, mmr_loss, mmr_regularizer, mmr_universal, universal_loss
 from .radii import hull_radius, naive_radius, union_radius, universal_radius
 from .reference import region_distances_reference
+from .regions import RegionGeometry, activation_pattern, flip_units, region_geometry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Certificate",
     "MMRLoss",
+    "RegionGeometry",
+    "activation_pattern",
+    "certify",
+    "flip_units",
+    "region_geometry",
     "box_distance",
     "box_min_distance",
     "hull_radius",
