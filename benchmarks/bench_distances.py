@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
@@ -108,6 +107,11 @@ def peak_memory(fn, model, x, y) -> float:
     return float(peak)
 
 
+def _hidden_units(model, x) -> int:
+    hidden, _ = baselines._preactivations(model, x[:1])
+    return sum(h.shape[1] for h in hidden)
+
+
 def time_method(fn, model, x, y, repeats: int, budget: float):
     fn(model, x, y)  # warm-up
     times = []
@@ -125,7 +129,7 @@ def configs(quick: bool):
     if quick:
         return [("cnn-mnist", "cnn", (1, 28, 28), [8])], 1
     return [("fc1-mnist", "fc1", (1, 28, 28), [32, 128]), ("fc10-mnist", "fc10", (1, 28, 28), [32, 128]),
-            ("cnn-mnist", "cnn", (1, 28, 28), [32, 128]), ("cnn-cifar", "cnn", (3, 32, 32), [32, 128])], 5
+            ("cnn-mnist", "cnn", (1, 28, 28), [32, 128]), ("cnn-cifar", "cnn", (3, 32, 32), [32, 128])], 3
 
 
 def main(argv=None):
@@ -133,9 +137,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (CI)")
     parser.add_argument("--out", default="results/bench", help="output folder for bench_distances.json")
     parser.add_argument("--methods", default="native,reference,dense,jacrev")
+    parser.add_argument("--configs", default=None, help="comma-separated labels, e.g. cnn-mnist,fc1-mnist")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes, e.g. 128")
     parser.add_argument("--tasks", default="distances,loss")
     parser.add_argument("--budget", type=float, default=30.0, help="max seconds of repeats per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--max-dense-gib", type=float, default=6.0,
+                        help="skip the dense/jacrev/reference baselines where their B x d x units tensor "
+                             "(x2 for autograd) would exceed this many GiB")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     tasks = args.tasks.split(",")
@@ -145,14 +154,22 @@ def main(argv=None):
     cfgs, repeats = configs(args.quick)
     rows = []
     for label, arch, in_shape, batches in cfgs:
+        if args.configs and label not in args.configs.split(","):
+            continue
         model = build_model(arch, in_shape, 10)
         for B in batches:
+            if args.batches and str(B) not in args.batches.split(","):
+                continue
             x = torch.rand((B,) + in_shape)
             y = torch.randint(0, 10, (B,))
             flops = native_flops(model, x)
+            dense_gib = 2 * 4 * B * x[0].numel() * _hidden_units(model, x) / 2**30
             for task in tasks:
-                result = {"config": label, "batch": B, "task": task, "methods": {}}
+                result = {"config": label, "batch": B, "task": task, "methods": {}, "skipped": []}
                 for name in methods:
+                    if name != "native" and dense_gib * (3 if name == "jacrev" else 1) > args.max_dense_gib:
+                        result["skipped"].append(f"{name} (needs about {dense_gib:.0f} GiB)")
+                        continue
                     seconds, n = time_method(METHODS[task][name], model, x, y, repeats, args.budget)
                     entry = {"median_s": seconds, "repeats": n}
                     if not args.no_memory:
@@ -184,6 +201,7 @@ def _print_row(result):
     for name, e in result["methods"].items():
         mem = f" {e['peak_bytes'] / 2**20:7.1f}MiB" if "peak_bytes" in e else ""
         parts.append(f"{name} {e['median_s'] * 1e3:9.1f}ms x{e.get('time_ratio_vs_native', 1):6.1f}{mem}")
+    parts += [f"skipped {s}" for s in result["skipped"]]
     print(" | ".join(parts), flush=True)
 
 

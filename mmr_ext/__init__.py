@@ -5,10 +5,14 @@ native (C++/CUDA) kernels for the linear-region geometry. See README.md and MATH
 """
 import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 
+from .attacks import min_norm_attack, pgd, pgd_max, verify_adversarial
+from .bounds import certified_by_bounds, layer_bounds, margin_bounds
 from .box import box_distance, box_min_distance
 from .certificates import Certificate, certify
+from .evaluation import EvaluationResult, evaluate
 from .geometry import region_distances
 from .layers import Normalize
+from .mip import MIPResult, verify_mip
 from .losses import MMRLoss, UniversalLoss, mmr_loss, mmr_regularizer, mmr_universal, universal_loss
 from .radii import hull_radius, naive_radius, union_radius, universal_radius
 from .reference import region_distances_reference
@@ -18,6 +22,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Certificate",
+    "EvaluationResult",
+    "MIPResult",
+    "certified_by_bounds",
+    "evaluate",
+    "layer_bounds",
+    "margin_bounds",
+    "min_norm_attack",
+    "pgd",
+    "pgd_max",
+    "verify_adversarial",
+    "verify_mip",
     "MMRLoss",
     "RegionGeometry",
     "activation_pattern",

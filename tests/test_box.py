@@ -87,7 +87,6 @@ def linprog_distance(w, b, x, p, lo, hi):
 
 def slsqp_distance(w, b, x, p, lo, hi, rng, starts=5):
     """min ||z - x||_p^p over the box and the hyperplane by SLSQP from random starts."""
-    d = len(w)
     best = INF
     for _ in range(starts):
         z0 = rng.uniform(lo, hi)

@@ -1,0 +1,174 @@
+"""Command line: ``mmr-ext train ...`` and ``mmr-ext evaluate ...`` (also ``python -m mmr_ext``).
+
+``mmr-ext train`` with no options trains the demo MMR-Universal CNN on the bundled mnist5k split
+and prints its test error and certified radii; see ``mmr-ext train --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import fields
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+_TRAIN_EPILOG = """\
+examples:
+  mmr-ext train                                   # demo: MMR-Universal CNN on bundled mnist5k
+  mmr-ext train --dataset mnist --data-dir ~/data/mnist --epochs 100   # the papers' MNIST run
+  mmr-ext train --mode mmr --p inf --lam 1 --gamma 0.15                # MMR-l∞ (seed 004)
+  mmr-ext train --mode at --at-norm max --epochs 10                    # AT-(l1, l2, l∞)
+  mmr-ext train --out-dir results/run1 --resume   # continue an interrupted run exactly
+  torchrun --nproc_per_node 2 -m mmr_ext train    # the same run on 2 processes (DDP)
+
+presets (options left unset): demo = 3 epochs, batch 64, lr 1e-3, schedules per step, 100
+certified test points per epoch, 500 at the end; paper = 100 epochs, batch 128, per-epoch
+schedules, 200 points per epoch, 1000 at the end. 'auto' is demo on mnist5k, else paper.
+Schedules: k_B linear 20%->5% of the hidden units (universal) or 10%->2% (mmr); lambda from
+lambda/10 to lambda over the first 10% of the epochs; lr/10 for the last 10% of the epochs.
+Outputs in --out-dir: checkpoint.pt (every epoch), metrics.json, metrics.csv,
+training_curves.png, summary.json.
+"""
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import AT_NORMS, MODES
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--mode", choices=MODES, default="universal",
+                   help="training scheme (default: universal = MMR-Universal)")
+    g.add_argument("--dataset", default="mnist5k",
+                   help="mnist5k (bundled, default), mnist, fmnist, gtsrb, cifar10")
+    g.add_argument("--data-dir", metavar="DIR", help="folder with the dataset files (all but mnist5k)")
+    g.add_argument("--model", default="cnn", help="fc1, fc10, cnn (default), large")
+    g.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training points")
+    g.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test points")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crops and flips (default: on for cifar10 only)")
+
+    g = p.add_argument_group("optimisation (Adam)")
+    g.add_argument("--preset", choices=("auto", "demo", "paper"), default="auto",
+                   help="defaults for the options below (default auto: demo on mnist5k, else paper)")
+    g.add_argument("--epochs", type=int, metavar="N")
+    g.add_argument("--batch-size", type=int, metavar="N", help="global batch size (all processes)")
+    g.add_argument("--lr", metavar="LR", help="base learning rate (default: the papers' per dataset)")
+    g.add_argument("--warmup-epochs", metavar="W", help="λ warm-up length (default: 10%% of the epochs)")
+    g.add_argument("--lr-drop-epochs", metavar="D", help="final lr/10 phase (default: 10%% of the epochs)")
+    g.add_argument("--schedule-unit", choices=("epoch", "step"),
+                   help="update the schedules per epoch (papers) or per step")
+
+    g = p.add_argument_group("regularizer (mmr, universal, mmr+at)")
+    g.add_argument("--lam", nargs="+", metavar="L",
+                   help="universal: λ1 λ∞ (default per dataset, e.g. 3 12 on MNIST); mmr: λ (default 1)")
+    g.add_argument("--gamma", nargs="+", metavar="G",
+                   help="universal: γ1 γ∞ (MNIST 1 0.15); mmr: γ or γB γD (default 1.5 εp)")
+    g.add_argument("--p", metavar="P", help="norm of MMR-lp: 1, 2 or inf (default inf)")
+    g.add_argument("--k-boundary", nargs="+", metavar="K",
+                   help="k_B start [end] as fractions of the hidden units (0.2 0.05 universal, 0.1 0.02 mmr)")
+    g.add_argument("--k-decision", type=int, metavar="K", help="k_D for mmr (default K, all classes)")
+    g.add_argument("--selection", choices=("per_norm", "union"), default="per_norm",
+                   help="universal top-k_B sets: per norm (paper) or their union (authors' code)")
+
+    g = p.add_argument_group("adversarial training (at, mmr+at)")
+    g.add_argument("--at-norm", choices=AT_NORMS, help="PGD norm, or max over l1, l2, l∞ (default: max for at, p for mmr+at)")
+    g.add_argument("--at-eps", nargs=3, metavar=("E1", "E2", "EINF"), help="PGD radii (default: --eps)")
+    g.add_argument("--at-steps", type=int, metavar="N", help="PGD steps (default 40 MNIST/F-MNIST, 10 else)")
+    g.add_argument("--at-restarts", type=int, default=1, metavar="N")
+    g.add_argument("--at-clean-fraction", metavar="F",
+                   help="clean share of each batch (default 0.5, 0 for --at-norm max)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eps", nargs=3, metavar=("E1", "E2", "EINF"),
+                   help="target radii of the certificates (default: MNIST 1 0.3 0.1, GTS 3 0.2 4/255, CIFAR-10 2 0.1 2/255)")
+    g.add_argument("--cert-points", type=int, metavar="N", help="test points certified during training (0: none)")
+    g.add_argument("--cert-every", type=int, default=1, metavar="N", help="certify every N epochs (default 1)")
+    g.add_argument("--final-cert-points", type=int, metavar="N", help="test points certified at the end")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
+    g.add_argument("--out-dir", metavar="DIR", help="output folder (default results/<dataset>-<mode>-<model>)")
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                   help="continue the run in --out-dir (or from CHECKPOINT) exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out-dir holds a run")
+    g.add_argument("--keep-checkpoints", action="store_true", help="also keep epoch_XXX.pt for every epoch")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG figures")
+    g.add_argument("--quiet", dest="verbose", action="store_false", help="print only the final summary")
+
+
+def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
+    """The ``mmr-ext`` argument parser with its ``train`` and ``evaluate`` subcommands.
+
+    ``with_evaluate=False`` leaves the options of ``evaluate`` out (``train`` does not need to
+    import :mod:`mmr_ext.evaluation`).
+    """
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="mmr-ext", description="Train and certify ReLU networks provably robust in every lp-norm "
+                                    "(MMR, MMR-Universal).")
+    parser.add_argument("--version", action="version", version=f"mmr_ext {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate}")
+    sub.required = True
+    tp = sub.add_parser("train", help="train a model (plain, mmr, universal, at, mmr+at)",
+                        description="Train a ReLU network with MMR, MMR-Universal, adversarial training, "
+                                    "or plainly; checkpoints every epoch, then reports test error and "
+                                    "certified radii.",
+                        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_arguments(tp)
+    help_text = "test error and robust-error bounds of a trained model"
+    if with_evaluate:
+        evaluate = importlib.import_module(f"{__package__}.evaluation")
+        ep = sub.add_parser("evaluate", help=help_text,
+                            description=(evaluate.__doc__ or "").strip().split("\n\n")[0] or None)
+        evaluate.add_arguments(ep)
+    else:
+        sub.add_parser("evaluate", help=help_text, add_help=False)
+    return parser
+
+
+def _train_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
+    from .train import ConfigError, TrainConfig, format_summary, resolve_config, train
+
+    names = {f.name for f in fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    try:
+        resolve_config(cfg)
+    except ConfigError as exc:
+        sub.error(f"argument --{exc.argument.replace('_', '-')}: {exc.message}")
+    try:
+        result = train(cfg)
+    except ConfigError as exc:
+        sub.error(f"argument --{exc.argument.replace('_', '-')}: {exc.message}")
+    except CheckpointError as exc:
+        print(f"mmr-ext train: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as exc:  # unreadable or corrupt data files
+        print(f"mmr-ext train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nmmr-ext train: interrupted; continue from the last checkpoint with the same options "
+              "plus --resume", file=sys.stderr)
+        return 130
+    if result.summary is not None:
+        print(format_summary(result.summary), flush=True)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``mmr-ext``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(with_evaluate=command != "train")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train_main(parser, args)
+    evaluate = importlib.import_module(f"{__package__}.evaluation")
+    status = evaluate.run(args)
+    return int(status) if isinstance(status, int) else 0
