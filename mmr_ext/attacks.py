@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_batch
+
 __all__ = ["pgd", "pgd_max", "min_norm_attack", "verify_adversarial", "project", "distance",
            "lp_norm", "parse_norm", "margins"]
 
@@ -62,17 +64,6 @@ def _check_box(lo, hi) -> Tuple[float, float]:
     if not lo < hi:
         raise ValueError(f"the box needs lo < hi, got lo={lo}, hi={hi}")
     return lo, hi
-
-
-def _check_x(x, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch [B, ...], got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf")
 
 
 def _check_in_box(x: torch.Tensor, lo: float, hi: float, name: str = "x") -> None:
@@ -359,7 +350,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps: Eps, s
         Adversarial inputs, same shape and dtype as x, in the box and in the eps-ball exactly.
     """
     p = parse_norm(norm)
-    _check_x(x)
+    check_batch(x)
     _check_y(y, x)
     lo, hi = _check_box(lo, hi)
     _check_in_box(x, lo, hi)
@@ -471,7 +462,7 @@ def min_norm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm,
         that the model misclassifies (checked in the model's dtype).
     """
     p = parse_norm(norm)
-    _check_x(x)
+    check_batch(x)
     _check_y(y, x)
     lo, hi = _check_box(lo, hi)
     _check_in_box(x, lo, hi)
@@ -561,8 +552,8 @@ def verify_adversarial(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y
     with the model run in eval mode on x_adv as given (its dtype must match the model's).
     """
     p = parse_norm(norm)
-    _check_x(x)
-    _check_x(x_adv, "x_adv")
+    check_batch(x)
+    check_batch(x_adv, "x_adv")
     _check_y(y, x)
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv must have the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}")

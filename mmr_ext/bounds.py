@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import _check_box, _check_eps, _check_in_box, _check_x, _check_y, parse_norm
+from .checks import check_batch
+from .attacks import _check_box, _check_eps, _check_in_box, _check_y, parse_norm
 from .chain import AffineBlock, batchnorm_scale_shift, linear_part, parse_model
 from .layers import Normalize
 
@@ -446,7 +447,7 @@ def _hidden_bounds(net: BoundedNetwork, x: torch.Tensor, p: float, eps: torch.Te
 
 def _prepare(model, x, y, norm, eps, lo, hi):
     p = parse_norm(norm)
-    _check_x(x)
+    check_batch(x)
     if y is not None:
         _check_y(y, x)
     lo, hi = _check_box(lo, hi)

@@ -23,14 +23,21 @@ def dual_exponent(p) -> float:
     return p / (p - 1.0)
 
 
-def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
-    """x must be a finite float32/float64 batch on the model's device and in the model's dtype."""
+def check_batch(x: torch.Tensor, name: str = "x", finite: bool = True) -> None:
+    """x must be a float32/float64 tensor batch [B, ...] with B >= 1 (and finite, unless told not)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name} must be a non-empty batch [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if finite and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
+    """x must be a finite float32/float64 batch on the model's device and in the model's dtype."""
+    check_batch(x, name, finite=False)  # devices first: a finiteness test cannot run across devices
     for pname, t in list(model.named_parameters()) + list(model.named_buffers()):
         if not t.is_floating_point():
             continue

@@ -37,7 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .attacks import (_check_box, _check_in_box, _check_x, _check_y, _parse_eps_dict, margins,
+from .checks import check_batch
+from .attacks import (_check_box, _check_in_box, _check_y, _parse_eps_dict, margins,
                       min_norm_attack, parse_norm, pgd, verify_adversarial)
 
 __all__ = ["EvaluationResult", "evaluate", "add_arguments", "run", "PAPER_EPS", "norm_name"]
@@ -319,7 +320,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         RuntimeError: a point was both attacked successfully and certified (a bug somewhere).
     """
     radii = _parse_eps_dict(eps)
-    _check_x(x)
+    check_batch(x)
     _check_y(y, x)
     if not isinstance(box, (tuple, list)) or len(box) != 2:
         raise ValueError(f"box must be a pair (lo, hi), got {box!r}")

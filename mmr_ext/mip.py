@@ -37,7 +37,8 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
-from .attacks import _check_box, _check_eps, _check_in_box, _check_x, _check_y, margins, parse_norm, project
+from .checks import check_batch
+from .attacks import _check_box, _check_eps, _check_in_box, _check_y, margins, parse_norm, project
 from .bounds import BoundedNetwork, _hidden_bounds, _margin_bounds
 
 __all__ = ["MIPResult", "verify_mip"]
@@ -294,7 +295,7 @@ def verify_mip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps,
     p = parse_norm(norm)
     if p == 2:
         raise ValueError("norm=2 needs a quadratic constraint: verify_mip supports norm 1 and inf")
-    _check_x(x)
+    check_batch(x)
     _check_y(y, x)
     lo, hi = _check_box(lo, hi)
     _check_in_box(x, lo, hi)
