@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
-           "load_model", "build_from_checkpoint", "config_differences"]
+           "load_model", "build_from_checkpoint", "config_differences", "describe_differences"]
 
 FORMAT = "mmr_ext.checkpoint"
 VERSION = 1

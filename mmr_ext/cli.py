@@ -120,6 +120,7 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                                     "certified radii.",
                         epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_arguments(tp)
+    tp.set_defaults(train_parser=tp)  # for usage errors found after parsing
     help_text = "test error and robust-error bounds of a trained model"
     if with_evaluate:
         evaluate = importlib.import_module(f"{__package__}.evaluation")
@@ -131,13 +132,13 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _train_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _train_main(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .train import ConfigError, TrainConfig, format_summary, resolve_config, train
 
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    sub = args.train_parser
     try:
         resolve_config(cfg)
     except ConfigError as exc:
@@ -168,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(with_evaluate=command != "train")
     args = parser.parse_args(argv)
     if args.command == "train":
-        return _train_main(parser, args)
+        return _train_main(args)
     evaluate = importlib.import_module(f"{__package__}.evaluation")
     status = evaluate.run(args)
     return int(status) if isinstance(status, int) else 0

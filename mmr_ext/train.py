@@ -488,11 +488,13 @@ class _Objective(nn.Module):
     ``terms`` a dict of floats; ``x`` already holds the adversarial points in AT modes.
     """
 
-    def __init__(self, model: nn.Module, c: TrainConfig):
+    def __init__(self, model: nn.Module, c: TrainConfig, num_classes: int):
         super().__init__()
         self.model = model
         self.mode, self.p, self.selection = c.mode, c.p, c.selection
-        self.lam, self.gamma, self.k_decision = c.lam, c.gamma, c.k_decision
+        # k_D = K (the paper's "all classes") unless given
+        self.lam, self.gamma = c.lam, c.gamma
+        self.k_decision = num_classes if c.k_decision is None else c.k_decision
 
     def forward(self, x, y, k_boundary: float, lam_scale: float, weight: float):
         from . import losses
@@ -506,11 +508,8 @@ class _Objective(nn.Module):
                                                 lam=lam, selection=self.selection, return_terms=True)
             terms["regularizer"] = terms["boundary"] + terms["decision"]
         elif self.mode in ("mmr", "mmr+at"):
-            k_dec = self.k_decision
-            if k_dec is None:
-                k_dec = int(self.model(x[:1]).shape[1])  # k_D = K: all decision hyperplanes
             loss, terms = losses.mmr_loss(self.model, x, y, p=NORM_VALUES[self.p], k_boundary=k_boundary,
-                                          k_decision=k_dec, gamma_boundary=self.gamma[0],
+                                          k_decision=self.k_decision, gamma_boundary=self.gamma[0],
                                           gamma_decision=self.gamma[1], lam=self.lam[0] * lam_scale,
                                           return_terms=True)
         else:  # plain, at
@@ -641,15 +640,16 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label, **kw)
 
-    series(axes[0], "train_error", "train")
-    series(axes[0], "test_error", "test")
+    series(axes[0], "train_error", "train", color="orange")
+    series(axes[0], "test_error", "test", color="red")
     axes[0].set_title("clean error")
     for key in ("loss", "cross_entropy", "regularizer", "boundary", "decision"):
         series(axes[1], f"train_{key}", key.replace("_", " "))
     axes[1].set_title("training loss terms (epoch means)")
     names = {"1": "l1", "2": "l2", "inf": "l∞"}
+    colors = {"1": "black", "2": "tab:cyan", "inf": "tab:blue"}  # as in seed 000, Fig. 3
     for n, e in zip(NORMS, eps):
-        series(axes[2], f"cert_l{n}", f"{names[n]}, ε={e:.4g}")
+        series(axes[2], f"cert_l{n}", f"{names[n]}, ε={e:.4g}", color=colors[n])
     series(axes[2], "cert_union", "union", color="green", linewidth=2)
     axes[2].set_title("certified fraction of test points")
     axes[2].set_ylim(-0.02, 1.02)
@@ -828,7 +828,7 @@ def _train(c: TrainConfig, d: _Dist) -> TrainResult:
         start_epoch = ckpt["epoch"]
         say(f"resuming from '{path}' after epoch {start_epoch}/{c.epochs}")
 
-    objective = _Objective(model, c)
+    objective = _Objective(model, c, info.num_classes)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         runner = DistributedDataParallel(objective, device_ids=[d.device] if d.device.type == "cuda" else None)

@@ -227,7 +227,8 @@ def test_resume_from_intermediate_checkpoint_is_exact(tmp_path):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    args = ["--epochs", "3", "--train-subset", "192", "--mode", "universal", "--final-cert-points", "0",
+    # 60 steps per epoch (about a second here): the kill lands well inside the second epoch
+    args = ["--epochs", "3", "--train-subset", "1920", "--mode", "universal", "--final-cert-points", "0",
             "--cert-points", "0", "--seed", "3"]
     ref = run_worker(tiny_args(tmp_path / "ref", *args))
     assert ref.returncode == 0, ref.stderr
