@@ -107,6 +107,15 @@ def peak_memory(fn, model, x, y) -> float:
     return float(peak)
 
 
+def _load_trained(path):
+    """(model, name, in_shape, mnist5k training data) from a checkpoint of `mmr-ext train`."""
+    from mmr_ext.checkpoint import load_model
+    from mmr_ext.data import load_dataset
+
+    model, ckpt = load_model(path)
+    return model.float(), ckpt["model_name"], tuple(ckpt["in_shape"]), load_dataset("mnist5k", split="train")
+
+
 def _hidden_units(model, x) -> int:
     hidden, _ = baselines._preactivations(model, x[:1])
     return sum(h.shape[1] for h in hidden)
@@ -142,6 +151,9 @@ def main(argv=None):
     parser.add_argument("--tasks", default="distances,loss")
     parser.add_argument("--budget", type=float, default=30.0, help="max seconds of repeats per measurement")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--checkpoint", metavar="PATH",
+                        help="a checkpoint of `mmr-ext train` on mnist/mnist5k: its trained weights and "
+                             "mnist5k images replace the random ones in the configs with the same model")
     parser.add_argument("--max-dense-gib", type=float, default=6.0,
                         help="skip the dense/jacrev/reference baselines where their B x d x units tensor "
                              "(x2 for autograd) would exceed this many GiB")
@@ -153,15 +165,23 @@ def main(argv=None):
     gemm = gemm_gflops(0.3 if args.quick else 1.0)
     cfgs, repeats = configs(args.quick)
     rows = []
+    trained = _load_trained(args.checkpoint) if args.checkpoint else None
     for label, arch, in_shape, batches in cfgs:
         if args.configs and label not in args.configs.split(","):
             continue
         model = build_model(arch, in_shape, 10)
+        data = None
+        if trained is not None and (trained[1], trained[2]) == (arch, in_shape):
+            model, data = trained[0], trained[3]
+            label += "-trained"
         for B in batches:
             if args.batches and str(B) not in args.batches.split(","):
                 continue
-            x = torch.rand((B,) + in_shape)
-            y = torch.randint(0, 10, (B,))
+            if data is not None:
+                x, y = data.images[:B].clone(), data.labels[:B].clone()
+            else:
+                x = torch.rand((B,) + in_shape)
+                y = torch.randint(0, 10, (B,))
             flops = native_flops(model, x)
             dense_gib = 2 * 4 * B * x[0].numel() * _hidden_units(model, x) / 2**30
             for task in tasks:
@@ -188,7 +208,8 @@ def main(argv=None):
                 _print_row(result)
     report = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                           "torch": torch.__version__, "gemm_gflops": gemm},
-              "kw": {k: list(v) if isinstance(v, tuple) else v for k, v in KW.items()}, "results": rows}
+              "kw": {k: list(v) if isinstance(v, tuple) else v for k, v in KW.items()},
+              "checkpoint": args.checkpoint, "results": rows}
     path = os.path.join(args.out, "bench_distances.json")
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2)

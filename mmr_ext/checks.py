@@ -58,6 +58,14 @@ def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
                          f"{name} of shape {tuple(x.shape)}")
 
 
+def check_chunk_size(chunk_size) -> None:
+    """chunk_size must be None or a positive int (samples per pass over rows built on demand)."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int (samples per pass), got {chunk_size!r}")
+
+
 def check_labels(labels: Optional[torch.Tensor], batch: int, num_classes: int, device: torch.device,
                  name: str = "labels") -> None:
     """labels (if given) must be an integer tensor [B] with values in [0, K)."""

@@ -15,7 +15,7 @@ Layers or layouts outside this scheme make :func:`region_distances` use the refe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, linear_part, parse_model
-from .checks import check_input, check_labels, dual_exponent
+from .checks import check_chunk_size, check_input, check_labels, dual_exponent
 from .layers import Normalize
 from .native import native_or_warn
 from .reference import decision_geometry, reference_geometry
@@ -58,10 +58,19 @@ class Patches:
     offset: Tuple[int, int]  # cumulative padding (Ph, Pw): window of (y, x) starts at y*Sh - Ph
     in_shape: Tuple[int, int, int]  # (Cin, Hin, Win)
     flat: bool = False  # set by Flatten: the next Linear reads units in (C, H, W) order
+    mask: Optional[torch.Tensor] = None  # [B, C, H, W] per-unit scales not yet multiplied into P
+
+    def settled(self) -> "Patches":
+        """The same rows with the pending mask multiplied in (only when a layer reads them)."""
+        if self.mask is None:
+            return self
+        B = self.mask.shape[0]
+        return replace(self, P=self.P * self.mask.reshape(B, *self.P.shape[1:4], 1, 1, 1), mask=None)
 
     def rows(self) -> torch.Tensor:
-        Bp, C, H, W = self.P.shape[:4]
-        return self.P.reshape(Bp, C * H * W, -1)
+        P = self.settled().P
+        Bp, C, H, W = P.shape[:4]
+        return P.reshape(Bp, C * H * W, -1)
 
 
 @dataclass
@@ -92,6 +101,57 @@ class KernelPatches:
         return self.materialize().rows()
 
 
+@dataclass
+class ReverseRows:
+    """Rows of a Linear layer after the traced layers, kept as (weights, trace) and built on demand
+    by walking the layers backwards (vector-Jacobian order): all units of some samples, or chosen
+    (sample, unit) pairs. Distances to them never store them (:func:`ops.lazy_row_distances`);
+    a layer that needs them explicitly forces them once (``cache`` is shared by copies)."""
+
+    weight: torch.Tensor  # [O, n] of the Linear layer
+    trace: list  # the layers (layer, in_shape, out_shape) and masks before it
+    weights: list  # per trace entry, the tensor its transpose uses (None: masks, pooling, flatten)
+    in_shape: Tuple[int, ...]
+    mask: Optional[torch.Tensor] = None  # [B, O] Σ of the following activation, not yet applied
+    cache: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(layer: nn.Linear, trace: list, in_shape) -> "ReverseRows":
+        weights = [None if isinstance(e, torch.Tensor) else _transpose_weight(e[0]) for e in trace]
+        return ReverseRows(layer.weight, list(trace), weights, tuple(in_shape))
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The tensors the rows depend on, in the order :meth:`rows_of` takes them."""
+        return [self.weight] + [w for w in self.weights if w is not None]
+
+    def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
+                tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """All rows [len(samples) or 1, O, d] (samples None: the whole batch), or with ``units``
+        the rows [S, d] of the pairs (samples[i], units[i]); ``tensors`` replace :meth:`tensors`."""
+        W, weights = self.weight, self.weights
+        if tensors is not None:
+            rest = iter(tensors[1:])
+            W, weights = tensors[0], [None if w is None else next(rest) for w in weights]
+        rows = W[None] if units is None else W[units][:, None]
+        out = _reverse(rows, self.trace, weights, samples, self.in_shape)
+        return out if units is None else out[:, 0]
+
+    def elements_per_sample(self) -> int:
+        """Elements of the largest intermediate per sample when building all rows."""
+        widest = max([math.prod(e[1]) for e in self.trace if not isinstance(e, torch.Tensor)] + [self.weight.shape[1]])
+        return self.weight.shape[0] * widest
+
+    def forced_rows(self) -> Optional[torch.Tensor]:
+        return self.cache["dense"].V if "dense" in self.cache else None
+
+    def force(self) -> Dense:
+        """The rows as an explicit, differentiable Dense representation."""
+        if "dense" not in self.cache:
+            V = self.rows_of(None, None)
+            self.cache["dense"] = Dense(V, V.shape[-1])
+        return replace(self.cache["dense"], mask=self.mask)
+
+
 def _window_inside(grid, size, stride, offset, in_shape, like: torch.Tensor) -> torch.Tensor:
     """[H, W, Rh, Rw] 0/1: whether each entry of each unit's input window lies inside the image."""
     rows = [(torch.arange(n)[:, None] * s - o + torch.arange(r)[None, :] >= 0)
@@ -117,6 +177,7 @@ def _scale_units(rep, scale: torch.Tensor):
             return _scale_units(rep.materialize(), scale)
         return replace(rep, K=rep.K * scale.reshape(-1, 1, 1, 1))
     if isinstance(rep, Patches):
+        rep = rep.settled()
         C = rep.P.shape[1]
         s = scale.expand(C) if scale.numel() == 1 else scale
         if s.numel() != C:
@@ -155,6 +216,7 @@ def _overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
 
 def _conv_patches(rep: Patches, weight: torch.Tensor, stride, padding, dilation, depthwise: bool) -> Patches:
     """Rows of a conv (weight [O, C, kh, kw], or [C, kh, kw] when depthwise) applied to patch rows."""
+    rep = rep.settled()
     P = rep.P
     Bp, C, H, W, Cin, Rh, Rw = P.shape
     kh, kw = weight.shape[-2:]
@@ -196,7 +258,7 @@ def _conv_output_grid(grid, k, stride, padding, dilation):
 
 def _conv_kernel(rep: KernelPatches, w, stride, padding, dilation):
     """Conv applied to kernel rows: unmasked and from the raw image, the kernels compose into a new
-    shared kernel; masked, each (sample, unit) row is a transposed conv of its masked weights with K."""
+    shared kernel; masked, the rows are :class:`MaskedKernelRows`, built on demand."""
     k = tuple(w.shape[-2:])
     Sh, Sw = rep.stride
     grid = _conv_output_grid(rep.grid, k, stride, padding, dilation)
@@ -208,24 +270,93 @@ def _conv_kernel(rep: KernelPatches, w, stride, padding, dilation):
     if rep.mask is None:
         K = F.conv_transpose2d(w, rep.K, stride=step)
         return KernelPatches(K, grid, new_stride, offset, rep.in_shape, None, False)
-    # Masked: row (b, o, l) = sum over taps z = (c, i, j) of mask[b, z, l] * G[o, z], where
-    # G[o, (c, i, j)] = w[o, c, i, j] * (K[c] placed at (i, j) * step) is sample-independent, so the
-    # whole layer is one GEMM [B*L, C*kh*kw] @ [C*kh*kw, O*E] with masks as the left factor.
-    B, C = rep.mask.shape[:2]
-    O, Cin = w.shape[0], rep.K.shape[1]
-    L = grid[0] * grid[1]
-    taps = k[0] * k[1]
-    onehot = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(taps, 1, k[0], k[1]).expand(taps, C, k[0], k[1])
-    placed = F.conv_transpose2d(onehot, rep.K, stride=step, groups=C)  # [taps, C*Cin, R2h, R2w]
-    R = tuple(placed.shape[-2:])
-    E = Cin * R[0] * R[1]
-    placed = placed.reshape(taps, C, E).transpose(0, 1)  # [C, taps, E]
-    G = (w.reshape(O, C, taps, 1) * placed[None]).reshape(O, C * taps, E)
     m = F.unfold(rep.mask, k, dilation=dilation, padding=padding, stride=stride)  # [B, C*taps, L]
-    rows = torch.matmul(m.transpose(1, 2).reshape(B * L, C * taps), G.permute(1, 0, 2).reshape(C * taps, O * E))
-    inside = _window_inside(grid, R, new_stride, offset, rep.in_shape, rows)  # [H, W, R2h, R2w]
-    P = rows.reshape(B, L, O, Cin, R[0] * R[1]).transpose(1, 2) * inside.reshape(1, 1, L, 1, R[0] * R[1])
-    return Patches(P.reshape(B, O, grid[0], grid[1], Cin, R[0], R[1]), new_stride, offset, rep.in_shape)
+    return MaskedKernelRows(w, rep.K, m, k, step, grid, new_stride, offset, rep.in_shape)
+
+
+@dataclass
+class MaskedKernelRows:
+    """Rows of a conv applied to masked kernel rows (the second conv of a network).
+
+    Row (b, o, l) = Σ over taps z = (c, i, j) of m[b, z, l] G[o, z], where
+    G[o, (c, i, j)] = w[o, c, i, j] (K[c] placed at (i, j) * step) is sample-independent: all rows
+    of some samples are one GEMM [n*L, C*taps] @ [C*taps, O*E] with the unfolded masks m as the
+    left factor; chosen (sample, unit) pairs are one small GEMM per output channel. Built on
+    demand like :class:`ReverseRows`; ``force`` gives the explicit :class:`Patches`."""
+
+    w: torch.Tensor  # [O, C, kh, kw]
+    K: torch.Tensor  # [C, Cin, Rh, Rw] kernel rows of the previous layer
+    m: torch.Tensor  # [B, C*taps, L] unfolded masks of the previous layer
+    kernel: Tuple[int, int]
+    step: Tuple[int, int]
+    grid: Tuple[int, int]
+    stride: Tuple[int, int]
+    offset: Tuple[int, int]
+    in_shape: Tuple[int, int, int]
+    flat: bool = False
+    mask: Optional[torch.Tensor] = None  # Σ of the following activation, not yet applied
+    cache: dict = field(default_factory=dict)
+
+    def window(self) -> Tuple[int, int]:
+        return tuple((kk - 1) * st + r for kk, st, r in zip(self.kernel, self.step, self.K.shape[-2:]))
+
+    def patch_shape(self) -> Tuple[int, ...]:
+        return (self.m.shape[0], self.w.shape[0], *self.grid, self.K.shape[1], *self.window())
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.w, self.K]
+
+    def _G(self, w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """[O, C*taps, E]: every tap's weight times the previous kernel placed at the tap."""
+        O, C = w.shape[:2]
+        taps = self.kernel[0] * self.kernel[1]
+        onehot = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(taps, 1, *self.kernel)
+        placed = F.conv_transpose2d(onehot.expand(taps, C, *self.kernel), K, stride=self.step, groups=C)
+        placed = placed.reshape(taps, C, -1).transpose(0, 1)  # [C, taps, E]
+        return (w.reshape(O, C, taps, 1) * placed[None]).reshape(O, C * taps, -1)
+
+    def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
+                tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """All rows [n, O*L, E] of ``samples`` (None: all), or the rows [S, E] of the pairs."""
+        w, K = self.tensors() if tensors is None else tensors
+        G = self._G(w, K)
+        O, Z, E = G.shape
+        L = self.m.shape[2]
+        R = self.window()
+        inside = _window_inside(self.grid, R, self.stride, self.offset, self.in_shape, G).reshape(L, 1, R[0] * R[1])
+        Cin = K.shape[1]
+        if units is None:
+            m = self.m if samples is None else self.m[samples]
+            n = m.shape[0]
+            rows = torch.matmul(m.transpose(1, 2).reshape(n * L, Z), G.permute(1, 0, 2).reshape(Z, O * E))
+            rows = rows.reshape(n, L, O, Cin, R[0] * R[1]).transpose(1, 2) * inside
+            return rows.reshape(n, O * L, E)
+        o, l = units // L, units % L
+        mv = self.m[samples, :, l]  # [S, Z]
+        out = mv.new_zeros((units.shape[0], E))
+        for c in torch.unique(o).tolist():
+            sel = (o == c).nonzero().squeeze(1)
+            out = out.index_add(0, sel, mv[sel] @ G[c])
+        return (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
+
+    def elements_per_sample(self) -> int:
+        """Elements of the largest intermediate per sample when building all rows."""
+        return math.prod(self.patch_shape()[1:])
+
+    def forced_rows(self) -> Optional[torch.Tensor]:
+        return self.cache["patches"].rows() if "patches" in self.cache else None
+
+    def force(self) -> "Patches":
+        """The rows as explicit, differentiable :class:`Patches`."""
+        if "patches" not in self.cache:
+            B, O, H, W, Cin, Rh, Rw = self.patch_shape()
+            P = self.rows_of(None, None).reshape(B, O, H, W, Cin, Rh, Rw)
+            self.cache["patches"] = Patches(P, self.stride, self.offset, self.in_shape)
+        return replace(self.cache["patches"], flat=self.flat, mask=self.mask)
+
+
+#: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
+ON_DEMAND = (ReverseRows, MaskedKernelRows)
 
 
 def _conv(rep, conv: nn.Conv2d):
@@ -249,6 +380,7 @@ def _avgpool(rep, pool: nn.AvgPool2d):
         rep = rep.materialize()
     if not isinstance(rep, Patches) or rep.flat or pool.ceil_mode:
         raise Unsupported("AvgPool2d layout or ceil_mode")
+    rep = rep.settled()
     k = _pair(pool.kernel_size)
     s = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
     pad = _pair(pool.padding)
@@ -263,7 +395,7 @@ def _avgpool(rep, pool: nn.AvgPool2d):
 
 
 def _flatten(rep, layer: nn.Flatten):
-    if isinstance(rep, Dense):
+    if isinstance(rep, (Dense, ReverseRows)):
         return rep
     if layer.start_dim != 1 or layer.end_dim != -1:
         raise Unsupported("partial Flatten")
@@ -272,6 +404,8 @@ def _flatten(rep, layer: nn.Flatten):
 
 def _linear(rep, layer: nn.Linear, trace: list):
     W = layer.weight
+    if isinstance(rep, ReverseRows):  # stay in reverse order: the rows of W need no rows of rep
+        return ReverseRows.of(layer, trace, rep.in_shape)
     if isinstance(rep, Dense):
         if rep.V is None and rep.mask is None:
             return Dense(W[None], rep.d)
@@ -283,8 +417,8 @@ def _linear(rep, layer: nn.Linear, trace: list):
     if isinstance(rep, KernelPatches):
         return _kernel_to_dense(rep, W)
     if PATCH_COST_WEIGHT * _patch_macs(rep, W.shape[0]) <= _reverse_macs(trace, W.shape[0]):
-        return _patches_to_dense(rep, W)
-    return _reverse_rows(W, trace, rep.in_shape)
+        return _patches_to_dense(rep.force() if isinstance(rep, MaskedKernelRows) else rep, W)
+    return ReverseRows.of(layer, trace, rep.in_shape)
 
 
 # Per-MAC cost of the patch contraction + overlap-add relative to the transposed convolutions of
@@ -292,9 +426,9 @@ def _linear(rep, layer: nn.Linear, trace: list):
 PATCH_COST_WEIGHT = 6.0
 
 
-def _patch_macs(rep: Patches, O: int) -> float:
-    C, H, W = rep.P.shape[1:4]
-    return float(O * C * H * W * rep.P[0, 0, 0, 0].numel())
+def _patch_macs(rep, O: int) -> float:
+    shape = rep.patch_shape() if isinstance(rep, MaskedKernelRows) else rep.P.shape
+    return float(O * math.prod(shape[1:]))
 
 
 def _reverse_macs(trace: list, O: int) -> float:
@@ -313,16 +447,39 @@ def _reverse_macs(trace: list, O: int) -> float:
     return O * total
 
 
-def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, ...]) -> torch.Tensor:
-    """The transposed linear part of one layer: rows [N, *out_shape] -> [N, *in_shape]."""
+#: Transposed convolutions onto at most this many channels run as GEMM + fold (measured 2.7x faster
+#: than torch's transposed convolution for 1 channel, slower for 16, on this project's CPUs).
+FOLD_MAX_CHANNELS = 3
+
+
+def _transpose_weight(layer: nn.Module) -> Optional[torch.Tensor]:
+    """The tensor the transposed linear part of a layer uses (None for pooling and flattening)."""
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return layer.weight
+    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return batchnorm_scale_shift(layer)[0]
+    if isinstance(layer, Normalize):
+        return 1.0 / layer.std
+    return None
+
+
+def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, ...],
+                     weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """The transposed linear part of one layer: rows [N, *out_shape] -> [N, *in_shape]; ``weight``
+    is :func:`_transpose_weight` of the layer."""
     N = rows.shape[0]
     if isinstance(layer, nn.Linear):
-        return rows @ layer.weight
+        return rows @ weight
     if isinstance(layer, nn.Conv2d):
         k, s, p, d = (_pair(v) for v in (layer.kernel_size, layer.stride, layer.padding, layer.dilation))
+        if layer.groups == 1 and layer.in_channels <= FOLD_MAX_CHANNELS:
+            # few input channels: one GEMM and a col2im (fold) beat the generic transposed conv
+            Wt = weight.reshape(weight.shape[0], -1).t()
+            cols = torch.bmm(Wt.expand(N, -1, -1), rows.reshape(N, rows.shape[1], -1))  # no transposing copies
+            return F.fold(cols, tuple(in_shape[1:]), k, dilation=d, padding=p, stride=s)
         extra = tuple(n_in - ((n_out - 1) * si - 2 * pi + di * (ki - 1) + 1)
                       for n_in, n_out, ki, si, pi, di in zip(in_shape[1:], rows.shape[-2:], k, s, p, d))
-        return F.conv_transpose2d(rows, layer.weight, None, s, p, extra, layer.groups, d)
+        return F.conv_transpose2d(rows, weight, None, s, p, extra, layer.groups, d)
     if isinstance(layer, nn.AvgPool2d):
         return torch.ops.aten.avg_pool2d_backward(
             rows, rows.new_empty((N,) + tuple(in_shape)), _pair(layer.kernel_size),
@@ -330,21 +487,27 @@ def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, 
             layer.ceil_mode, layer.count_include_pad, layer.divisor_override)
     if isinstance(layer, nn.Flatten):
         return rows.reshape((N,) + tuple(in_shape))
-    return linear_part(layer, rows)  # BatchNorm, Normalize: diagonal, their own transpose
+    # BatchNorm, Normalize: a per-channel (or scalar) scale, its own transpose
+    scale = weight.reshape(()) if weight.numel() == 1 else weight.reshape((1, -1) + (1,) * (rows.dim() - 2))
+    return rows * scale
 
 
-def _reverse_rows(W: torch.Tensor, trace: list, in_shape) -> Dense:
-    """Rows of W applied after the traced layers, by walking them backwards (vector-Jacobian order)."""
-    rows = W[None]
-    for entry in reversed(trace):
+def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[torch.Tensor], in_shape
+             ) -> torch.Tensor:
+    """rows [N, O, *out] of the map after the traced layers, walked back to the input: [N', O, d].
+
+    ``weights``: per trace entry, :func:`_transpose_weight` of its layer. Masks are taken at
+    ``samples`` (one per row group; None: the whole batch, broadcasting N = 1).
+    """
+    for entry, weight in zip(reversed(trace), reversed(weights)):
         Bp, O = rows.shape[:2]
         if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
-            rows = rows * entry[:, None]
+            rows = rows * (entry if samples is None else entry[samples])[:, None]
             continue
         layer, layer_in, _ = entry
-        flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in)
+        flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)
         rows = flat.reshape((Bp, O) + tuple(layer_in))
-    return Dense(rows.reshape(rows.shape[0], rows.shape[1], -1), math.prod(in_shape))
+    return rows.reshape(rows.shape[0], rows.shape[1], math.prod(in_shape))
 
 
 def _kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
@@ -375,6 +538,7 @@ def _crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Den
 
 def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
     """Rows of the map W [O, C*H*W] applied to patch rows: per-position contraction, then fold."""
+    rep = rep.settled()
     P = rep.P
     Bp, C, H, Wd, Cin, Rh, Rw = P.shape
     L, E = H * Wd, Cin * Rh * Rw
@@ -385,6 +549,8 @@ def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
 
 
 def _apply_layer(rep, layer: nn.Module, trace: list):
+    if isinstance(rep, ON_DEMAND) and not isinstance(layer, (nn.Linear, nn.Flatten)):
+        rep = rep.force()
     if isinstance(layer, nn.Linear):
         return _linear(rep, layer, trace)
     if isinstance(layer, nn.Conv2d):
@@ -415,18 +581,22 @@ def _apply_block(rep, block: AffineBlock, g: torch.Tensor, trace: list):
 def _mask(rep, mask: torch.Tensor):
     """Rows of Σ(l) V(l): every row times its unit's activation slope (per sample)."""
     B = mask.shape[0]
+    if isinstance(rep, ON_DEMAND):
+        return replace(rep, mask=mask.reshape(B, -1) if isinstance(rep, ReverseRows) else mask)
     if isinstance(rep, KernelPatches):
         if rep.mask is None:
             return replace(rep, mask=mask)
         rep = rep.materialize()
-    if isinstance(rep, Patches):
-        return replace(rep, P=rep.P * mask.reshape(B, *rep.P.shape[1:4], 1, 1, 1))
+    if isinstance(rep, Patches):  # kept aside: a next Linear in reverse order never reads the rows
+        return replace(rep.settled(), mask=mask.reshape(B, *rep.P.shape[1:4]))
     if rep.mask is None and rep.V is not None and rep.V.shape[0] == 1:
         return replace(rep, mask=mask.reshape(B, -1))  # shared rows: keep Σ aside for the next product
     return Dense(rep.materialize().V * mask.reshape(B, -1, 1), rep.d)
 
 
 def _to_dense(rep) -> Dense:
+    if isinstance(rep, ON_DEMAND):
+        rep = rep.force()
     if isinstance(rep, Dense):
         return rep.materialize()
     if isinstance(rep, KernelPatches):
@@ -436,21 +606,34 @@ def _to_dense(rep) -> Dense:
     return _patches_to_dense(replace(rep, flat=True), eye)
 
 
-def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor]
+#: Default bound on the elements of the largest intermediate of rows built on demand (reverse order):
+#: about 256 MiB in float64, 128 MiB in float32.
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk(rep, chunk_size: Optional[int], batch: int) -> int:
+    """Samples per pass over rows built on demand: chunk_size, else from DEFAULT_CHUNK_ELEMENTS."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, min(batch, DEFAULT_CHUNK_ELEMENTS // rep.elements_per_sample()))
+
+
+def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
+                   chunk_size: Optional[int] = None
                    ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once."""
-    from .ops import row_distances
+    from .ops import lazy_row_distances, row_distances
 
     B = x.shape[0]
     rep = _identity(x)
     g = x
     trace: list = []  # layers and masks so far, for rows computed in reverse order
-    boundary: List[List[torch.Tensor]] = [[] for _ in qs]
+    layers: list = []  # per hidden layer: its distances [Q, B, n], or (f, ReverseRows) until the end
     for block, slope in chain.hidden:
         rep, f = _apply_block(rep, block, g, trace)
-        dist = row_distances(f.reshape(B, -1), rep.rows(), qs)[0]
-        for parts, d in zip(boundary, dist):
-            parts.append(d)
+        f_flat = f.reshape(B, -1)
+        # Rows built on demand wait until it is known whether a later layer forces them.
+        layers.append((f_flat, rep) if isinstance(rep, ON_DEMAND) else row_distances(f_flat, rep.rows(), qs)[0])
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = _mask(rep, mask)
@@ -463,29 +646,41 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
     diff = diff.transpose(1, 2)
     decisions = row_distances(margin, diff, qs, is_signed=True)[0]
+    boundary = []
+    for entry in layers:
+        if isinstance(entry, tuple):
+            f_flat, lazy = entry
+            forced = lazy.forced_rows()
+            if forced is not None:  # a later layer needed the rows explicitly
+                entry = row_distances(f_flat, forced, qs)[0]
+            else:
+                entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.tensors(), qs, _chunk(lazy, chunk_size, B))
+        boundary.append(entry)
     out = []
-    for parts, decision in zip(boundary, decisions):
+    for i, decision in enumerate(decisions):
         decision = decision.scatter(1, c[:, None], math.inf)
-        out.append((torch.cat(parts, dim=1) if parts else logits.new_zeros((B, 0)), decision))
+        out.append((torch.cat([d[i] for d in boundary], dim=1) if boundary else logits.new_zeros((B, 0)), decision))
     return out, logits
 
 
-def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Optional[torch.Tensor] = None
+def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Optional[torch.Tensor] = None,
+                     chunk_size: Optional[int] = None
                      ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Validated (boundary, decision) per norm in ps and the logits, native when possible."""
     chain = parse_model(model)
     qs = [dual_exponent(p) for p in ps]
+    check_chunk_size(chunk_size)
     check_input(model, x)
     if native_or_warn():
         try:
-            return _fast_geometry(chain, x, qs, labels)
+            return _fast_geometry(chain, x, qs, labels, chunk_size)
         except Unsupported:
             pass
     return reference_geometry(chain, x, qs, labels)
 
 
-def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None, *,
+                     chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """lp-distances of each sample to its region's hyperplanes (MATH.md §2).
 
     Args:
@@ -493,6 +688,11 @@ def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torc
         x: float32/float64 batch [B, ...] on the model's device.
         p: norm, any float >= 1 or ``float('inf')``.
         labels: optional int64 [B] reference classes (default: the predicted classes).
+        chunk_size: memory budget, in samples: rows that are built on demand (fully connected
+            layers after convolutions) are built for at most this many samples at a time and
+            never stored; the backward rebuilds only the rows it needs. Default: as many samples
+            as keep the largest such intermediate under ``DEFAULT_CHUNK_ELEMENTS`` elements. Only
+            speed and memory depend on it.
 
     Returns:
         boundary [B, N]: distance to each hidden unit's hyperplane, units ordered by layer then by
@@ -504,4 +704,4 @@ def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torc
     :func:`region_distances_reference` (same results) for layouts the fast path does not cover
     or when the compiled extension is missing.
     """
-    return compute_geometry(model, x, (p,), labels)[0][0]
+    return compute_geometry(model, x, (p,), labels, chunk_size)[0][0]

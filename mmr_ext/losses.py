@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +77,12 @@ def _universal_terms(boundary1, decision1, boundary_inf, decision_inf, k: int, g
     return boundary_term, decision_term
 
 
-def _universal(model, x, y, k_boundary, gamma, lam, selection):
+def _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size):
     gamma = tuple(_positive(v, f"gamma[{i}]") for i, v in enumerate(_pair(gamma, "gamma")))
     lam = tuple(_non_negative(v, f"lam[{i}]") for i, v in enumerate(_pair(lam, "lam")))
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y)
+    ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y, chunk_size)
     if logits.shape[1] < 2:
         raise ValueError(f"the model must have at least 2 classes, got {logits.shape[1]}")
     k = resolve_k(k_boundary, b1.shape[1], "k_boundary")
@@ -92,7 +92,7 @@ def _universal(model, x, y, k_boundary, gamma, lam, selection):
 
 def mmr_universal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boundary: KSpec,
                   gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0),
-                  selection: str = "per_norm") -> torch.Tensor:
+                  selection: str = "per_norm", chunk_size: Optional[int] = None) -> torch.Tensor:
     """Per-sample MMR-Universal regularizer [B] (seed 000 eq. 9, MATH.md §6).
 
     ``(1/kB) Σ_{i<=kB} [λ1 h(dB1^i, γ1) + λ∞ h(dB∞^i, γ∞)] + (1/(K-1)) Σ_{i<=K-1} [λ1 h(dD1^i, γ1) + λ∞ h(dD∞^i, γ∞)]``
@@ -103,20 +103,21 @@ def mmr_universal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_bound
         gamma: (γ1, γ∞) > 0. lam: (λ1, λ∞) >= 0.
         selection: ``"per_norm"`` (paper: top-kB taken separately per norm) or ``"union"`` (the
             authors' code: both norms penalised on the union of the two top-kB index sets, / kB).
+        chunk_size: memory budget in samples (see :func:`mmr_ext.region_distances`).
     """
-    boundary_term, decision_term, _ = _universal(model, x, y, k_boundary, gamma, lam, selection)
+    boundary_term, decision_term, _ = _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size)
     return boundary_term + decision_term
 
 
 def universal_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boundary: KSpec,
                    gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0), selection: str = "per_norm",
-                   return_terms: bool = False):
+                   return_terms: bool = False, chunk_size: Optional[int] = None):
     """Training objective: mean cross-entropy + mean MMR-Universal (see :func:`mmr_universal`).
 
     Returns a scalar, or ``(scalar, terms)`` with ``terms`` a dict of detached floats
     (``cross_entropy``, ``boundary``, ``decision``) when ``return_terms`` is true.
     """
-    boundary_term, decision_term, logits = _universal(model, x, y, k_boundary, gamma, lam, selection)
+    boundary_term, decision_term, logits = _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size)
     ce = F.cross_entropy(logits, y.long())
     loss = ce + boundary_term.mean() + decision_term.mean()
     if not return_terms:
@@ -125,10 +126,10 @@ def universal_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boun
                   "decision": float(decision_term.mean().detach())}
 
 
-def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision):
+def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision, chunk_size):
     gamma_boundary = _positive(gamma_boundary, "gamma_boundary")
     gamma_decision = _positive(gamma_decision, "gamma_decision")
-    ((boundary, decision),), logits = compute_geometry(model, x, (p,), y)
+    ((boundary, decision),), logits = compute_geometry(model, x, (p,), y, chunk_size)
     K = logits.shape[1]
     if K < 2:
         raise ValueError(f"the model must have at least 2 classes, got {K}")
@@ -142,20 +143,22 @@ def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision
 
 
 def mmr_regularizer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec,
-                    k_decision: KSpec, gamma_boundary: float, gamma_decision: float) -> torch.Tensor:
+                    k_decision: KSpec, gamma_boundary: float, gamma_decision: float,
+                    chunk_size: Optional[int] = None) -> torch.Tensor:
     """Per-sample kMMR-lp regularizer [B] (seed 004 eq. 6, MATH.md §6).
 
     k_decision counts decision hyperplanes among the K-1 other classes (kD = K is accepted as the
-    paper's "all classes" and means K-1).
+    paper's "all classes" and means K-1). chunk_size: see :func:`mmr_ext.region_distances`.
     """
-    return _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision)[0]
+    return _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision, chunk_size)[0]
 
 
 def mmr_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec, k_decision: KSpec,
-             gamma_boundary: float, gamma_decision: float, lam: float, return_terms: bool = False):
+             gamma_boundary: float, gamma_decision: float, lam: float, return_terms: bool = False,
+             chunk_size: Optional[int] = None):
     """MMR-lp objective of seed 004: mean cross-entropy + λ · mean kMMR-lp."""
     lam = _non_negative(lam, "lam")
-    reg, logits = _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision)
+    reg, logits = _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision, chunk_size)
     ce = F.cross_entropy(logits, y.long())
     loss = ce + lam * reg.mean()
     if not return_terms:
@@ -167,32 +170,36 @@ class UniversalLoss(nn.Module):
     """:func:`universal_loss` with its hyperparameters as attributes (change them to schedule)."""
 
     def __init__(self, k_boundary: KSpec, gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0),
-                 selection: str = "per_norm"):
+                 selection: str = "per_norm", chunk_size: Optional[int] = None):
         super().__init__()
         self.k_boundary, self.gamma, self.lam, self.selection = k_boundary, tuple(gamma), tuple(lam), selection
+        self.chunk_size = chunk_size
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, return_terms: bool = False):
         return universal_loss(model, x, y, k_boundary=self.k_boundary, gamma=self.gamma, lam=self.lam,
-                              selection=self.selection, return_terms=return_terms)
+                              selection=self.selection, return_terms=return_terms, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
-        return f"k_boundary={self.k_boundary}, gamma={self.gamma}, lam={self.lam}, selection={self.selection!r}"
+        return (f"k_boundary={self.k_boundary}, gamma={self.gamma}, lam={self.lam}, selection={self.selection!r}, "
+                f"chunk_size={self.chunk_size}")
 
 
 class MMRLoss(nn.Module):
     """:func:`mmr_loss` with its hyperparameters as attributes (change them to schedule)."""
 
     def __init__(self, p, k_boundary: KSpec, k_decision: KSpec, gamma_boundary: float, gamma_decision: float,
-                 lam: float):
+                 lam: float, chunk_size: Optional[int] = None):
         super().__init__()
         self.p, self.k_boundary, self.k_decision = p, k_boundary, k_decision
         self.gamma_boundary, self.gamma_decision, self.lam = gamma_boundary, gamma_decision, lam
+        self.chunk_size = chunk_size
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, return_terms: bool = False):
         return mmr_loss(model, x, y, p=self.p, k_boundary=self.k_boundary, k_decision=self.k_decision,
                         gamma_boundary=self.gamma_boundary, gamma_decision=self.gamma_decision, lam=self.lam,
-                        return_terms=return_terms)
+                        return_terms=return_terms, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
         return (f"p={self.p}, k_boundary={self.k_boundary}, k_decision={self.k_decision}, "
-                f"gamma_boundary={self.gamma_boundary}, gamma_decision={self.gamma_decision}, lam={self.lam}")
+                f"gamma_boundary={self.gamma_boundary}, gamma_decision={self.gamma_decision}, lam={self.lam}, "
+                f"chunk_size={self.chunk_size}")

@@ -1,0 +1,144 @@
+"""Rows built on demand (a second conv's rows from masked kernels; fully connected layers after
+convolutions, in reverse order): values and gradients against the reference for every chunk size
+and both orders of the first Linear after convolutions, and a backward that rebuilds only the rows
+whose distance has a gradient."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mmr_ext
+from mmr_ext import geometry
+from mmr_ext.native import available
+from conftest import NORMS, assert_distances_close, make_model, randomize_batchnorm
+
+pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")
+
+
+def cnn_two_fc():
+    """Conv, then two fully connected hidden layers, one followed by BatchNorm (forces its rows)."""
+    return nn.Sequential(nn.Conv2d(2, 3, 3, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 9), nn.ReLU(),
+                         nn.Linear(9, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4))
+
+
+def _model(name):
+    if name == "cnn_two_fc":
+        g = torch.Generator().manual_seed(3)
+        torch.manual_seed(3)
+        model = randomize_batchnorm(cnn_two_fc(), g).double()
+        return model, torch.rand((5, 2, 7, 7), generator=g, dtype=torch.float64)
+    return make_model(name)
+
+
+@pytest.fixture
+def reverse_order(monkeypatch):
+    """Every Linear after convolutions takes the reverse (on-demand) order."""
+    monkeypatch.setattr(geometry, "PATCH_COST_WEIGHT", 1e12)
+
+
+@pytest.fixture(params=["reverse", "patches"])
+def either_order(request, monkeypatch):
+    """The first Linear after convolutions in reverse order, or by patch contraction (which forces
+    the conv rows before it to be built explicitly)."""
+    monkeypatch.setattr(geometry, "PATCH_COST_WEIGHT", 1e12 if request.param == "reverse" else 1e-12)
+
+
+def _grads(fn, model, x, p, **kw):
+    model.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    b, d = fn(model, xx, p, **kw)
+    wb = torch.linspace(0.1, 1.0, b.shape[1], dtype=b.dtype)
+    wd = torch.linspace(-1.0, 1.0, d.shape[1], dtype=d.dtype)
+    ((b.nan_to_num(posinf=0.0) * wb).sum() + (d.nan_to_num(posinf=0.0) * wd).sum()).backward()
+    return (b.detach(), d.detach()), [xx.grad] + [prm.grad.clone() for prm in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["cnn", "paper_cnn", "cnn_two_fc"])
+@pytest.mark.parametrize("p", NORMS)
+@pytest.mark.parametrize("chunk_size", [1, 2, None])
+def test_on_demand_rows_match_reference_values_and_gradients(either_order, name, p, chunk_size):
+    model, x = _model(name)
+    (b, d), fast = _grads(mmr_ext.region_distances, model, x, p, chunk_size=chunk_size)
+    (rb, rd), ref = _grads(mmr_ext.region_distances_reference, model, x, p)
+    assert_distances_close(b, rb, 1e-10)
+    assert_distances_close(d, rd, 1e-10)
+    for g_fast, g_ref in zip(fast, ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+
+
+class _Distances(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        b, d = mmr_ext.region_distances(self.model, x, 2, chunk_size=2)
+        return b.nan_to_num(posinf=0.0), d.nan_to_num(posinf=0.0)
+
+
+def test_on_demand_rows_gradcheck(reverse_order):
+    model, x = make_model("paper_cnn")
+    wrapper = _Distances(model)
+    x = x[:3].clone().requires_grad_(True)
+    names = [n for n, prm in wrapper.named_parameters() if prm.dim() > 1]
+    values = [wrapper.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(xx, *ws):
+        return torch.func.functional_call(wrapper, dict(zip(names, ws)), (xx,))
+
+    assert torch.autograd.gradcheck(fn, (x, *values), atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_backward_rebuilds_only_rows_with_a_gradient(reverse_order, monkeypatch):
+    model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (on demand), fc 10 (on demand)
+    rebuilt = {}
+    for cls in (geometry.ReverseRows, geometry.MaskedKernelRows):
+        def spy(self, samples, units, tensors=None, _original=cls.rows_of, _name=cls.__name__):
+            if units is not None:
+                rebuilt[_name] = rebuilt.get(_name, 0) + units.numel()
+            return _original(self, samples, units, tensors)
+        monkeypatch.setattr(cls, "rows_of", spy)
+    b, _ = mmr_ext.region_distances(model, x, math.inf)
+    assert b.shape[1] == 3 * 36 + 4 * 9 + 10
+    weight = torch.zeros_like(b)
+    weight[0, 108 + 5] = 1.0  # second conv
+    weight[1, 108 + 36 + 3] = 1.0  # fc
+    weight[2, 108 + 36 + 7] = 2.0
+    weight[4, 0] = 1.0  # first conv: shared rows, nothing to rebuild
+    (b.nan_to_num(posinf=0.0) * weight).sum().backward()
+    assert rebuilt == {"MaskedKernelRows": 1, "ReverseRows": 2}
+
+
+def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(reverse_order):
+    model, x = make_model("paper_cnn")
+    y = torch.tensor([0, 1, 2, 3, 4])
+    results = []
+    for chunk_size in (1, 3, None):
+        model.zero_grad()
+        loss = mmr_ext.universal_loss(model, x, y, k_boundary=0.3, gamma=(1.0, 0.15), lam=(3.0, 12.0),
+                                      chunk_size=chunk_size)
+        loss.backward()
+        results.append([loss.detach()] + [prm.grad.clone() for prm in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_no_grad_forward_of_on_demand_rows(reverse_order):
+    model, x = make_model("paper_cnn")
+    with torch.no_grad():
+        b, d = mmr_ext.region_distances(model, x, 1, chunk_size=2)
+    rb, rd = mmr_ext.region_distances_reference(model, x, 1)
+    assert_distances_close(b, rb.detach(), 1e-10)
+    assert not b.requires_grad
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_chunk_size_must_be_a_positive_int(bad):
+    model, x = make_model("paper_cnn")
+    with pytest.raises(ValueError, match="chunk_size"):
+        mmr_ext.region_distances(model, x, 2, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mmr_ext.universal_loss(model, x, torch.zeros(5, dtype=torch.long), k_boundary=3, gamma=(1.0, 0.1),
+                               chunk_size=bad)
