@@ -407,17 +407,18 @@ def _parse_eps_dict(eps, name: str = "eps") -> Dict[float, float]:
 
 
 def pgd_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict, steps: int = 10,
-            restarts: int = 1, lo: float = 0.0, hi: float = 1.0,
+            restarts: int = 1, lo: float = 0.0, hi: float = 1.0, l1_sparsity: float = 0.95,
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Tramèr & Boneh's "max" strategy: per sample the highest-loss example among l1, l2, l∞ PGD.
 
     ``eps`` maps norms (1, 2, inf or 'l1', 'l2', 'linf') to radii; only those norms are attacked.
+    ``l1_sparsity`` is passed to the l1 attack (see :func:`pgd`).
     """
     radii = _parse_eps_dict(eps)
     best, best_loss = None, None
     for p, r in radii.items():
         cand = pgd(model, x, y, norm=p, eps=r, steps=steps, restarts=restarts, lo=lo, hi=hi,
-                   generator=generator)
+                   l1_sparsity=l1_sparsity, generator=generator)
         with torch.no_grad(), eval_mode(model):
             loss = F.cross_entropy(model(cand), y, reduction="none")
         if best is None:

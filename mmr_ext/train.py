@@ -532,7 +532,8 @@ def _adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: Tr
     eps = dict(zip(NORMS, c.at_eps))
     if c.at_norm == "max":
         adv = attacks.pgd_max(model, xa, ya, eps={NORM_VALUES[n]: e for n, e in eps.items()}, steps=c.at_steps,
-                              restarts=c.at_restarts, generator=generator)
+                              restarts=c.at_restarts, l1_sparsity=DATASET_DEFAULTS[c.dataset]["l1_sparsity"],
+                              generator=generator)
     else:
         adv = attacks.pgd(model, xa, ya, norm=NORM_VALUES[c.at_norm], eps=eps[c.at_norm], steps=c.at_steps,
                           restarts=c.at_restarts, l1_sparsity=DATASET_DEFAULTS[c.dataset]["l1_sparsity"],

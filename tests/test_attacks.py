@@ -188,14 +188,15 @@ def test_pgd_keeps_training_flags_and_parameter_grads():
         assert torch.equal(model[2].running_mean, stats)  # eval mode during the attack
 
 
-def test_pgd_max_takes_the_highest_loss_per_sample():
+@pytest.mark.parametrize("sparsity", [0.95, 0.5])
+def test_pgd_max_takes_the_highest_loss_per_sample(sparsity):
     model = small_mlp(torch.float64, seed=2)
     x = torch.rand(10, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (10,))
     eps = {"l1": 1.0, "l2": 0.4, "linf": 0.1}
-    out = pgd_max(model, x, y, eps=eps, steps=5, generator=torch.Generator().manual_seed(3))
+    out = pgd_max(model, x, y, eps=eps, steps=5, l1_sparsity=sparsity, generator=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
-    cands = [pgd(model, x, y, norm=p, eps=e, steps=5, generator=gen) for p, e in eps.items()]
+    cands = [pgd(model, x, y, norm=p, eps=e, steps=5, l1_sparsity=sparsity, generator=gen) for p, e in eps.items()]
     with torch.no_grad():
         losses = torch.stack([nn.functional.cross_entropy(model(c), y, reduction="none") for c in cands])
     best = losses.argmax(0)
