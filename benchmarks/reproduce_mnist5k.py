@@ -123,8 +123,9 @@ def plot(rows: Dict[str, dict], path: Path) -> None:
         ax.set_title({"l1": "l1, ε=1", "l2": "l2, ε=0.3", "linf": "l∞, ε=0.1", "union": "l1+l2+l∞"}[col])
         ax.set_ylim(0, 105)
     axes[0].set_ylabel("robust test error (%)")
-    axes[-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
