@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -169,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows[name]["training"] = json.loads((ckpt.parent / "summary.json").read_text())
     text = table_markdown(rows)
     (out / "table.md").write_text(text)
-    summary = {"settings": {k: v for k, v in vars(args).items()},
+    summary = {"settings": vars(args),
                "schemes": {n: {"table": r["table"], "timing": r.get("timing"),
                                "train_time_s": r["training"]["train_time_s"]} for n, r in rows.items()},
                "paper_table4_mnist": {n: {"TE": te, **{c: dict(zip(("LB", "UB"), v)) for c, v in cols.items()}}

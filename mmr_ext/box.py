@@ -37,7 +37,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import dual_exponent
+from .checks import check_chunk_size, dual_exponent
 from .radii import round_down
 
 __all__ = ["box_distance", "box_min_distance"]
@@ -269,9 +269,8 @@ def _pair_distances(w64, x64, lo64, hi64, g, free_dist, scale, m_idx, b_idx, p, 
 
 
 def _pairs_per_block(d: int, chunk_size: Optional[int]) -> int:
+    check_chunk_size(chunk_size, "point-hyperplane pairs per block")
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         return chunk_size
     return max(1, _PAIR_ELEMENTS // d)
 

@@ -58,12 +58,12 @@ def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
                          f"{name} of shape {tuple(x.shape)}")
 
 
-def check_chunk_size(chunk_size) -> None:
-    """chunk_size must be None or a positive int (samples per pass over rows built on demand)."""
+def check_chunk_size(chunk_size, unit: str = "samples per pass") -> None:
+    """chunk_size must be None or a positive int (counted in ``unit``)."""
     if chunk_size is None:
         return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or a positive int (samples per pass), got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer ({unit}) or None, got {chunk_size!r}")
 
 
 def check_labels(labels: Optional[torch.Tensor], batch: int, num_classes: int, device: torch.device,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, linear_part, parse_model
+from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
 from .checks import check_chunk_size, check_input, check_labels, dual_exponent
 from .layers import Normalize
 from .native import native_or_warn
@@ -628,7 +628,7 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     rep = _identity(x)
     g = x
     trace: list = []  # layers and masks so far, for rows computed in reverse order
-    layers: list = []  # per hidden layer: its distances [Q, B, n], or (f, ReverseRows) until the end
+    layers: list = []  # per hidden layer: its distances [Q, B, n], or (f, on-demand rows) until the end
     for block, slope in chain.hidden:
         rep, f = _apply_block(rep, block, g, trace)
         f_flat = f.reshape(B, -1)

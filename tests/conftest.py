@@ -134,3 +134,41 @@ def assert_distances_close(actual, expected, rtol):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+class DistancesModule(nn.Module):
+    """Makes region_distances a module forward so torch.func.functional_call can swap parameters."""
+
+    def __init__(self, model, p, **kwargs):
+        super().__init__()
+        self.model, self.p, self.kwargs = model, p, kwargs
+
+    def forward(self, x):
+        b, d = mmr_ext.region_distances(self.model, x, self.p, **self.kwargs)
+        return b.nan_to_num(posinf=0.0), d.nan_to_num(posinf=0.0)
+
+
+def gradcheck_distances(model, x, p, max_params=None, **kwargs) -> bool:
+    """gradcheck of region_distances w.r.t. x and the model's weight tensors (the first max_params)."""
+    wrapper = DistancesModule(model, p, **kwargs)
+    names = [n for n, prm in wrapper.named_parameters() if prm.dim() > 1][:max_params]
+    values = [wrapper.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
+
+    def fn(xx, *ws):
+        return torch.func.functional_call(wrapper, dict(zip(names, ws)), (xx,))
+
+    return torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True), *values), atol=1e-6, rtol=1e-5,
+                                    fast_mode=True)
+
+
+def distances_and_grads(fn, model, x, p, **kwargs):
+    """((boundary, decision), [grad of x, grads of every parameter]) of a fixed weighted sum of the
+    finite distances computed by fn(model, x, p, **kwargs)."""
+    model.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    b, d = fn(model, xx, p, **kwargs)
+    wb = torch.linspace(0.1, 1.0, b.shape[1], dtype=b.dtype)
+    wd = torch.linspace(-1.0, 1.0, d.shape[1], dtype=d.dtype)
+    ((b.nan_to_num(posinf=0.0) * wb).sum() + (d.nan_to_num(posinf=0.0) * wd).sum()).backward()
+    return (b.detach(), d.detach()), [xx.grad] + [None if prm.grad is None else prm.grad.clone()
+                                                   for prm in model.parameters()]

@@ -11,7 +11,8 @@ from torch import nn
 import mmr_ext
 from mmr_ext import geometry
 from mmr_ext.native import available
-from conftest import NORMS, assert_distances_close, make_model, randomize_batchnorm
+from conftest import (NORMS, assert_distances_close, distances_and_grads, gradcheck_distances, make_model,
+                      randomize_batchnorm)
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")
 
@@ -44,50 +45,22 @@ def either_order(request, monkeypatch):
     monkeypatch.setattr(geometry, "PATCH_COST_WEIGHT", 1e12 if request.param == "reverse" else 1e-12)
 
 
-def _grads(fn, model, x, p, **kw):
-    model.zero_grad()
-    xx = x.clone().requires_grad_(True)
-    b, d = fn(model, xx, p, **kw)
-    wb = torch.linspace(0.1, 1.0, b.shape[1], dtype=b.dtype)
-    wd = torch.linspace(-1.0, 1.0, d.shape[1], dtype=d.dtype)
-    ((b.nan_to_num(posinf=0.0) * wb).sum() + (d.nan_to_num(posinf=0.0) * wd).sum()).backward()
-    return (b.detach(), d.detach()), [xx.grad] + [prm.grad.clone() for prm in model.parameters()]
-
-
 @pytest.mark.parametrize("name", ["cnn", "paper_cnn", "cnn_two_fc"])
 @pytest.mark.parametrize("p", NORMS)
 @pytest.mark.parametrize("chunk_size", [1, 2, None])
 def test_on_demand_rows_match_reference_values_and_gradients(either_order, name, p, chunk_size):
     model, x = _model(name)
-    (b, d), fast = _grads(mmr_ext.region_distances, model, x, p, chunk_size=chunk_size)
-    (rb, rd), ref = _grads(mmr_ext.region_distances_reference, model, x, p)
+    (b, d), fast = distances_and_grads(mmr_ext.region_distances, model, x, p, chunk_size=chunk_size)
+    (rb, rd), ref = distances_and_grads(mmr_ext.region_distances_reference, model, x, p)
     assert_distances_close(b, rb, 1e-10)
     assert_distances_close(d, rd, 1e-10)
     for g_fast, g_ref in zip(fast, ref):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
 
 
-class _Distances(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        b, d = mmr_ext.region_distances(self.model, x, 2, chunk_size=2)
-        return b.nan_to_num(posinf=0.0), d.nan_to_num(posinf=0.0)
-
-
 def test_on_demand_rows_gradcheck(reverse_order):
     model, x = make_model("paper_cnn")
-    wrapper = _Distances(model)
-    x = x[:3].clone().requires_grad_(True)
-    names = [n for n, prm in wrapper.named_parameters() if prm.dim() > 1]
-    values = [wrapper.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
-
-    def fn(xx, *ws):
-        return torch.func.functional_call(wrapper, dict(zip(names, ws)), (xx,))
-
-    assert torch.autograd.gradcheck(fn, (x, *values), atol=1e-6, rtol=1e-5, fast_mode=True)
+    assert gradcheck_distances(model, x[:3], 2, chunk_size=2)
 
 
 def test_backward_rebuilds_only_rows_with_a_gradient(reverse_order, monkeypatch):

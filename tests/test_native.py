@@ -8,7 +8,8 @@ from torch import nn
 import mmr_ext
 from mmr_ext import ops
 from mmr_ext.native import available
-from conftest import MODELS, NORMS, assert_distances_close, dual_norm, make_model
+from conftest import (MODELS, NORMS, assert_distances_close, distances_and_grads, dual_norm,
+                      gradcheck_distances, make_model)
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -150,31 +151,11 @@ def test_fast_path_float32_against_float64_reference(name, p):
     assert_distances_close(decision.double(), ref_decision, 1e-4)
 
 
-class _Distances(nn.Module):
-    """Makes region_distances a module forward so torch.func.functional_call can swap parameters."""
-
-    def __init__(self, model, p):
-        super().__init__()
-        self.model, self.p = model, p
-
-    def forward(self, x):
-        b, d = mmr_ext.region_distances(self.model, x, self.p)
-        return b.nan_to_num(posinf=0.0), d.nan_to_num(posinf=0.0)
-
-
 @pytest.mark.parametrize("name", ["deep_fc", "paper_cnn"])
 @pytest.mark.parametrize("p", [2, 3])
 def test_fast_path_gradcheck_input_and_parameters(name, p):
     model, x = make_model(name)
-    wrapper = _Distances(model, p)
-    x = x[:2].clone().requires_grad_(True)
-    names = [n for n, prm in wrapper.named_parameters() if prm.dim() > 1][:3]
-    values = [wrapper.get_parameter(n).detach().clone().requires_grad_(True) for n in names]
-
-    def fn(xx, *ws):
-        return torch.func.functional_call(wrapper, dict(zip(names, ws)), (xx,))
-
-    assert torch.autograd.gradcheck(fn, (x, *values), atol=1e-6, rtol=1e-5, fast_mode=True)
+    assert gradcheck_distances(model, x[:2], p, max_params=3)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -182,18 +163,11 @@ def test_fast_path_gradcheck_input_and_parameters(name, p):
 def test_fast_path_gradients_match_reference_autograd(name, p):
     """Backward of the native path equals autograd through the dense reference, for x and all parameters."""
     model, x = make_model(name)
-    grads = []
-    for fn in (mmr_ext.region_distances, mmr_ext.region_distances_reference):
-        model.zero_grad()
-        xx = x.clone().requires_grad_(True)
-        b, d = fn(model, xx, p)
-        wb = torch.linspace(0.1, 1.0, b.shape[1], dtype=b.dtype)
-        wd = torch.linspace(-1.0, 1.0, d.shape[1], dtype=d.dtype)
-        ((b.nan_to_num(posinf=0.0) * wb).sum() + (d.nan_to_num(posinf=0.0) * wd).sum()).backward()
-        grads.append([xx.grad] + [prm.grad for prm in model.parameters()])
-    for fast, ref in zip(*grads):
-        assert fast is not None and ref is not None
-        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    _, fast = distances_and_grads(mmr_ext.region_distances, model, x, p)
+    _, ref = distances_and_grads(mmr_ext.region_distances_reference, model, x, p)
+    for g_fast, g_ref in zip(fast, ref):
+        assert g_fast is not None and g_ref is not None
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_invariance():
