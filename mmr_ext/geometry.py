@@ -589,8 +589,8 @@ def _mask(rep, mask: torch.Tensor):
         rep = rep.materialize()
     if isinstance(rep, Patches):  # kept aside: a next Linear in reverse order never reads the rows
         return replace(rep.settled(), mask=mask.reshape(B, *rep.P.shape[1:4]))
-    if rep.mask is None and rep.V is not None and rep.V.shape[0] == 1:
-        return replace(rep, mask=mask.reshape(B, -1))  # shared rows: keep Σ aside for the next product
+    if rep.V is not None:  # keep Σ aside: the next product scales its weight's columns instead
+        return replace(rep, mask=mask.reshape(B, -1) if rep.mask is None else rep.mask * mask.reshape(B, -1))
     return Dense(rep.materialize().V * mask.reshape(B, -1, 1), rep.d)
 
 
