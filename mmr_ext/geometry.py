@@ -479,14 +479,17 @@ def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, 
             return F.fold(cols, tuple(in_shape[1:]), k, dilation=d, padding=p, stride=s)
         extra = tuple(n_in - ((n_out - 1) * si - 2 * pi + di * (ki - 1) + 1)
                       for n_in, n_out, ki, si, pi, di in zip(in_shape[1:], rows.shape[-2:], k, s, p, d))
+        # oneDNN's transposed convolution is about twice as fast on channels-last rows (measured)
+        rows = rows.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(rows, weight, None, s, p, extra, layer.groups, d)
     if isinstance(layer, nn.AvgPool2d):
         return torch.ops.aten.avg_pool2d_backward(
             rows, rows.new_empty((N,) + tuple(in_shape)), _pair(layer.kernel_size),
             _pair(layer.stride if layer.stride is not None else layer.kernel_size), _pair(layer.padding),
             layer.ceil_mode, layer.count_include_pad, layer.divisor_override)
-    if isinstance(layer, nn.Flatten):
-        return rows.reshape((N,) + tuple(in_shape))
+    if isinstance(layer, nn.Flatten):  # feature maps channels-last, the layout of the fast transposed conv
+        out = rows.reshape((N,) + tuple(in_shape))
+        return out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
     # BatchNorm, Normalize: a per-channel (or scalar) scale, its own transpose
     scale = weight.reshape(()) if weight.numel() == 1 else weight.reshape((1, -1) + (1,) * (rows.dim() - 2))
     return rows * scale
@@ -502,7 +505,10 @@ def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[t
     for entry, weight in zip(reversed(trace), reversed(weights)):
         Bp, O = rows.shape[:2]
         if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
-            rows = rows * (entry if samples is None else entry[samples])[:, None]
+            mask = entry if samples is None else entry[samples]
+            if mask.dim() == 4 and rows[0].is_contiguous(memory_format=torch.channels_last):
+                mask = mask.contiguous(memory_format=torch.channels_last)  # same layout: a fast product
+            rows = rows * mask[:, None]
             continue
         layer, layer_in, _ = entry
         flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)
