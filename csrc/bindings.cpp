@@ -98,6 +98,37 @@ at::Tensor topk_hinge_backward(const at::Tensor& grad, const at::Tensor& dist, c
   return mmr::topk_hinge_backward_cpu(grad, dist, index, gamma);
 }
 
+at::Tensor conv_transpose_row_distances(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& weight,
+                                        std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                        std::vector<int64_t> dilation, std::vector<int64_t> in_shape,
+                                        const std::vector<double>& qs) {
+  check_floating(maps, "maps");
+  check_same(f, maps, "f", "maps");
+  check_same(weight, maps, "weight", "maps");
+  TORCH_CHECK(maps.dim() == 5, "maps must be 5-D [n, R, C, Ho, Wo], got shape ", maps.sizes());
+  TORCH_CHECK(f.dim() == 2 && f.size(0) == maps.size(0) && f.size(1) == maps.size(1), "f must have shape [",
+              maps.size(0), ", ", maps.size(1), "], got ", f.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == maps.size(2), "weight must be a conv weight [", maps.size(2),
+              ", Cin, kh, kw], got shape ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && in_shape.size() == 3,
+              "stride, padding, dilation must be pairs and in_shape a triple (Cin, Hin, Win)");
+  TORCH_CHECK(in_shape[0] == weight.size(1), "in_shape[0] must equal weight.size(1) (", weight.size(1), "), got ",
+              in_shape[0]);
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && dilation[0] > 0 && dilation[1] > 0 && padding[0] >= 0 &&
+                  padding[1] >= 0, "stride and dilation must be positive and padding non-negative");
+  const mmr::ConvGeometry g{maps.size(2), maps.size(3), maps.size(4), in_shape[0], in_shape[1], in_shape[2],
+                            weight.size(2), weight.size(3), stride[0], stride[1], padding[0], padding[1],
+                            dilation[0], dilation[1]};
+  TORCH_CHECK(mmr::taps_of(g) <= mmr::kMaxConvTaps, "a fused step handles at most ", mmr::kMaxConvTaps,
+              " taps (Cin x kh x kw), got ", mmr::taps_of(g));
+  const mmr::NormSet q = make_norms(qs);
+#ifdef WITH_CUDA
+  if (maps.is_cuda()) return mmr::conv_transpose_row_distances_cuda(f, maps, weight, g, q);
+#endif
+  TORCH_CHECK(maps.is_cpu(), "conv_transpose_row_distances: no backend for device ", maps.device());
+  return mmr::conv_transpose_row_distances_cpu(f, maps, weight, g, q);
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -109,7 +140,7 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Native kernels of mmr_ext (row dual-norm distances, top-k hinge).";
+  m.doc() = "Native kernels of mmr_ext (row dual-norm distances, fused transposed-conv rows, top-k hinge).";
   m.def("row_distances", &row_distances,
         "Row distances |f| / ||row||_q (signed: f / ||row||_q) and row norms for several dual exponents q",
         py::arg("f"), py::arg("rows"), py::arg("qs"), py::arg("is_signed"));
@@ -119,5 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dist"), py::arg("k"), py::arg("gamma"));
   m.def("topk_hinge_backward", &topk_hinge_backward, "Backward of topk_hinge", py::arg("grad"), py::arg("dist"),
         py::arg("index"), py::arg("gamma"));
+  m.def("conv_transpose_row_distances", &conv_transpose_row_distances,
+        "Distances to rows walked back through a transposed conv onto its input, norms fused (rows never stored)",
+        py::arg("f"), py::arg("maps"), py::arg("weight"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("in_shape"), py::arg("qs"));
+  m.attr("MAX_CONV_TAPS") = mmr::kMaxConvTaps;
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA backend");
 }

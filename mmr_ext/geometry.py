@@ -124,17 +124,38 @@ class ReverseRows:
         """The tensors the rows depend on, in the order :meth:`rows_of` takes them."""
         return [self.weight] + [w for w in self.weights if w is not None]
 
+    def _unpack(self, tensors: Optional[Sequence[torch.Tensor]]):
+        if tensors is None:
+            return self.weight, self.weights
+        rest = iter(tensors[1:])
+        return tensors[0], [None if w is None else next(rest) for w in self.weights]
+
     def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
                 tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """All rows [len(samples) or 1, O, d] (samples None: the whole batch), or with ``units``
         the rows [S, d] of the pairs (samples[i], units[i]); ``tensors`` replace :meth:`tensors`."""
-        W, weights = self.weight, self.weights
-        if tensors is not None:
-            rest = iter(tensors[1:])
-            W, weights = tensors[0], [None if w is None else next(rest) for w in weights]
-        rows = W[None] if units is None else W[units][:, None]
-        out = _reverse(rows, self.trace, weights, samples, self.in_shape)
+        W, weights = self._unpack(tensors)
+        out = _reverse(W[None] if units is None else W[units][:, None], self.trace, weights, samples)
+        out = out.reshape(out.shape[0], out.shape[1], -1)
         return out if units is None else out[:, 0]
+
+    def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
+                     tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Distances [Q, len(samples), O] to all rows of ``samples`` (f: their pre-activations), no
+        autograd. When the walk ends with a conv on the input, that step runs fused with the dual
+        norms (:func:`ops.conv_transpose_row_distances`): the input-space rows are never stored."""
+        from .ops import conv_transpose_row_distances, row_distances
+
+        W, weights = self._unpack(tensors)
+        fused = _fusable_first_conv(self.trace, weights)
+        if fused is None:
+            return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
+        at, weight = fused
+        maps = _reverse(W[None], self.trace[at + 1:], weights[at + 1:], samples)
+        maps = maps.expand((f.shape[0],) + tuple(maps.shape[1:]))
+        conv, conv_in, _ = self.trace[at]
+        return conv_transpose_row_distances(f, maps, weight, _pair(conv.stride), _pair(conv.padding),
+                                            _pair(conv.dilation), conv_in, qs)
 
     def elements_per_sample(self) -> int:
         """Elements of the largest intermediate per sample when building all rows."""
@@ -339,6 +360,13 @@ class MaskedKernelRows:
             out = out.index_add(0, sel, mv[sel] @ G[c])
         return (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
 
+    def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
+                     tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Distances [Q, len(samples), O*L] to all rows of ``samples`` (f: their pre-activations)."""
+        from .ops import row_distances
+
+        return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
+
     def elements_per_sample(self) -> int:
         """Elements of the largest intermediate per sample when building all rows."""
         return math.prod(self.patch_shape()[1:])
@@ -495,9 +523,9 @@ def _transpose_layer(layer: nn.Module, rows: torch.Tensor, in_shape: Tuple[int, 
     return rows * scale
 
 
-def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[torch.Tensor], in_shape
-             ) -> torch.Tensor:
-    """rows [N, O, *out] of the map after the traced layers, walked back to the input: [N', O, d].
+def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[torch.Tensor]) -> torch.Tensor:
+    """rows [N, O, *out] of the map after the traced layers, walked back to the traced layers'
+    input: [N', O, *in].
 
     ``weights``: per trace entry, :func:`_transpose_weight` of its layer. Masks are taken at
     ``samples`` (one per row group; None: the whole batch, broadcasting N = 1).
@@ -513,7 +541,29 @@ def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[t
         layer, layer_in, _ = entry
         flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)
         rows = flat.reshape((Bp, O) + tuple(layer_in))
-    return rows.reshape(rows.shape[0], rows.shape[1], math.prod(in_shape))
+    return rows
+
+
+def _fusable_first_conv(trace: list, weights: list) -> Optional[Tuple[int, torch.Tensor]]:
+    """(index, weight) of the trace's first layer when it is a conv that the fused native step
+    handles, after any per-channel input scalings (Normalize, BatchNorm2d), whose scales are folded
+    into the returned conv weight; None otherwise."""
+    from .ops import conv_transpose_fits
+
+    scale = None
+    for at, (entry, weight) in enumerate(zip(trace, weights)):
+        if isinstance(entry, torch.Tensor):
+            return None
+        layer, layer_in, _ = entry
+        if isinstance(layer, (Normalize, nn.BatchNorm2d)):
+            scale = weight.reshape(-1) if scale is None else scale * weight.reshape(-1)
+            continue
+        if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+            return None
+        if scale is not None:
+            weight = weight * scale.reshape(1, -1, 1, 1)
+        return (at, weight) if conv_transpose_fits(weight, layer_in) else None
+    return None
 
 
 def _kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
@@ -660,7 +710,8 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
             if forced is not None:  # a later layer needed the rows explicitly
                 entry = row_distances(f_flat, forced, qs)[0]
             else:
-                entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.tensors(), qs, _chunk(lazy, chunk_size, B))
+                entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.distances_of, lazy.tensors(), qs,
+                                           _chunk(lazy, chunk_size, B))
         boundary.append(entry)
     out = []
     for i, decision in enumerate(decisions):

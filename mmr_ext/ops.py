@@ -1,6 +1,7 @@
 """Autograd wrappers of the native kernels (``mmr_ext._C``)."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence, Tuple
 
 import torch
@@ -62,21 +63,48 @@ def topk_hinge(dist: torch.Tensor, k: int, gamma: float) -> Tuple[torch.Tensor, 
 
 
 
+#: Largest input-space row, in bytes, that the CUDA kernel of the fused step keeps in shared memory
+#: (csrc/conv_rows.h, kMaxCanvasBytes).
+MAX_CUDA_CANVAS_BYTES = 40 * 1024
+
+
+def conv_transpose_fits(weight: torch.Tensor, in_shape: Sequence[int]) -> bool:
+    """Whether :func:`conv_transpose_row_distances` handles a conv with this weight [C, Cin, kh, kw]
+    on an input of shape in_shape (Cin, Hin, Win)."""
+    if weight[0].numel() > _C.MAX_CONV_TAPS:
+        return False
+    return not weight.is_cuda or math.prod(in_shape) * weight.element_size() <= MAX_CUDA_CANVAS_BYTES
+
+
+def conv_transpose_row_distances(f: torch.Tensor, maps: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                                 padding: Sequence[int], dilation: Sequence[int], in_shape: Sequence[int],
+                                 qs: Sequence[float]) -> torch.Tensor:
+    """Native, fused last step of rows walked back in reverse order (no autograd).
+
+    maps [n, R, C, Ho, Wo] (any strides) are rows on the output grid of a conv layer with weight
+    [C, Cin, kh, kw], stride, padding, dilation and input shape in_shape (Cin, Hin, Win). Each row
+    is walked back through the transposed conv onto the input and reduced to its dual norms in one
+    pass, without being stored. Returns ``|f| / ||row||_q`` [Q, n, R] (+inf for zero rows).
+    """
+    return _C.conv_transpose_row_distances(f.contiguous(), maps, weight, [int(v) for v in stride],
+                                           [int(v) for v in padding], [int(v) for v in dilation],
+                                           [int(v) for v in in_shape], [float(q) for q in qs])
+
+
 class _LazyRowDistances(torch.autograd.Function):
     """Distances to rows that are never stored: the forward builds all rows without autograd,
     ``chunk`` samples at a time; the backward rebuilds, with autograd, only the rows whose distance
     received a nonzero gradient (after a top-k selection, a small subset)."""
 
     @staticmethod
-    def forward(ctx, f, rows_fn, qs, chunk, *tensors):
+    def forward(ctx, f, rows_fn, distances_fn, qs, chunk, *tensors):
         B = f.shape[0]
         parts = []
         with torch.no_grad():
             for start in range(0, B, chunk):
                 samples = torch.arange(start, min(B, start + chunk), device=f.device)
-                rows = rows_fn(samples, None, tensors)
-                parts.append(_C.row_distances(f[start:start + chunk].contiguous(), rows.contiguous(), qs,
-                                              False)[0])
+                f_chunk = f[start:start + chunk].contiguous()
+                parts.append(distances_fn(samples, f_chunk, qs, tensors))
         ctx.save_for_backward(f, *tensors)
         ctx.rows_fn, ctx.qs, ctx.chunk = rows_fn, qs, chunk
         return torch.cat(parts, dim=1)
@@ -85,7 +113,7 @@ class _LazyRowDistances(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_dist):
         f, *tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[4:]
+        need = ctx.needs_input_grad[5:]
         grads = [None] * len(tensors)
         grad_f = torch.zeros_like(f)
         pairs = (grad_dist != 0).any(dim=0).nonzero()  # [S, 2]: (sample, unit) with a gradient
@@ -109,16 +137,18 @@ class _LazyRowDistances(torch.autograd.Function):
                 for i, g in zip(wanted, got):
                     if g is not None:
                         grads[i] = g if grads[i] is None else grads[i] + g
-        return (grad_f, None, None, None, *grads)
+        return (grad_f, None, None, None, None, *grads)
 
 
-def lazy_row_distances(f: torch.Tensor, rows_fn: Callable, tensors: Sequence[torch.Tensor], qs: Sequence[float],
-                       chunk: int) -> torch.Tensor:
-    """Unsigned distances ``|f| / ||row||_q`` [Q, B, R] to rows that ``rows_fn`` rebuilds on demand.
+def lazy_row_distances(f: torch.Tensor, rows_fn: Callable, distances_fn: Callable, tensors: Sequence[torch.Tensor],
+                       qs: Sequence[float], chunk: int) -> torch.Tensor:
+    """Unsigned distances ``|f| / ||row||_q`` [Q, B, R] to rows that are built on demand.
 
-    ``rows_fn(samples, None, tensors)`` returns all rows [len(samples) or 1, R, D] of those
-    samples, ``rows_fn(samples, units, tensors)`` the rows [S, D] of the (sample, unit) pairs; both
-    computed from ``tensors`` only, so that gradients reach them. Peak memory: the rows of
-    ``chunk`` samples. Differentiable once, in f and tensors.
+    The forward calls ``distances_fn(samples, f_chunk, qs, tensors)`` for the distances [Q, n, R]
+    of all rows of ``chunk`` samples at a time, without autograd; the backward calls
+    ``rows_fn(samples, units, tensors)`` for the rows [S, D] of the (sample, unit) pairs whose
+    distance got a gradient, with autograd. Both compute from ``tensors`` only, so that gradients
+    reach them. Peak memory: the rows of ``chunk`` samples. Differentiable once, in f and tensors.
     """
-    return _LazyRowDistances.apply(f.contiguous(), rows_fn, [float(q) for q in qs], int(chunk), *tensors)
+    return _LazyRowDistances.apply(f.contiguous(), rows_fn, distances_fn, [float(q) for q in qs], int(chunk),
+                                   *tensors)

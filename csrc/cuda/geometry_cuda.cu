@@ -4,6 +4,7 @@
 // the selected indices come out sorted and deterministic).
 #include "../geometry.h"
 #include "../ops.h"
+#include "reductions.cuh"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -16,29 +17,10 @@ namespace mmr {
 
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;
 constexpr int kTopkThreads = 256;
 
 unsigned int row_blocks(int64_t R) { return static_cast<unsigned int>((R + kRowsPerBlock - 1) / kRowsPerBlock); }
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ RowStats<acc_t> warp_stats(RowStats<acc_t> s) {
-  for (int off = kWarp / 2; off > 0; off /= 2) {
-    RowStats<acc_t> o;
-    o.l1 = __shfl_xor_sync(0xffffffffu, s.l1, off);
-    o.l2sq = __shfl_xor_sync(0xffffffffu, s.l2sq, off);
-    o.maxabs = __shfl_xor_sync(0xffffffffu, s.maxabs, off);
-    stats_combine<acc_t>(s, o);
-  }
-  return s;
-}
 
 // Every requested ||row||_q, computed by one warp (all lanes get the results).
 template <typename scalar_t, typename acc_t>
