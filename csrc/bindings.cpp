@@ -98,7 +98,8 @@ at::Tensor topk_hinge_backward(const at::Tensor& grad, const at::Tensor& dist, c
   return mmr::topk_hinge_backward_cpu(grad, dist, index, gamma);
 }
 
-at::Tensor conv_transpose_row_distances(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& weight,
+at::Tensor conv_transpose_row_distances(const at::Tensor& f, const at::Tensor& maps,
+                                        const c10::optional<at::Tensor>& mask_in, const at::Tensor& weight,
                                         std::vector<int64_t> stride, std::vector<int64_t> padding,
                                         std::vector<int64_t> dilation, std::vector<int64_t> in_shape,
                                         const std::vector<double>& qs) {
@@ -110,6 +111,14 @@ at::Tensor conv_transpose_row_distances(const at::Tensor& f, const at::Tensor& m
               maps.size(0), ", ", maps.size(1), "], got ", f.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == maps.size(2), "weight must be a conv weight [", maps.size(2),
               ", Cin, kh, kw], got shape ", weight.sizes());
+  const at::Tensor mask = mask_in.has_value() ? *mask_in : at::Tensor();
+  if (mask.defined()) {
+    check_same(mask, maps, "mask", "maps");
+    TORCH_CHECK(mask.dim() == 4 && mask.size(0) == maps.size(0) && mask.size(1) == maps.size(2) &&
+                    mask.size(2) == maps.size(3) && mask.size(3) == maps.size(4),
+                "mask must have shape [", maps.size(0), ", ", maps.size(2), ", ", maps.size(3), ", ", maps.size(4),
+                "] (per sample, the maps' grid), got ", mask.sizes());
+  }
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && in_shape.size() == 3,
               "stride, padding, dilation must be pairs and in_shape a triple (Cin, Hin, Win)");
   TORCH_CHECK(in_shape[0] == weight.size(1), "in_shape[0] must equal weight.size(1) (", weight.size(1), "), got ",
@@ -123,10 +132,10 @@ at::Tensor conv_transpose_row_distances(const at::Tensor& f, const at::Tensor& m
               " taps (Cin x kh x kw), got ", mmr::taps_of(g));
   const mmr::NormSet q = make_norms(qs);
 #ifdef WITH_CUDA
-  if (maps.is_cuda()) return mmr::conv_transpose_row_distances_cuda(f, maps, weight, g, q);
+  if (maps.is_cuda()) return mmr::conv_transpose_row_distances_cuda(f, maps, mask, weight, g, q);
 #endif
   TORCH_CHECK(maps.is_cpu(), "conv_transpose_row_distances: no backend for device ", maps.device());
-  return mmr::conv_transpose_row_distances_cpu(f, maps, weight, g, q);
+  return mmr::conv_transpose_row_distances_cpu(f, maps, mask, weight, g, q);
 }
 
 bool has_cuda() {
@@ -152,8 +161,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("index"), py::arg("gamma"));
   m.def("conv_transpose_row_distances", &conv_transpose_row_distances,
         "Distances to rows walked back through a transposed conv onto its input, norms fused (rows never stored)",
-        py::arg("f"), py::arg("maps"), py::arg("weight"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        py::arg("in_shape"), py::arg("qs"));
+        py::arg("f"), py::arg("maps"), py::arg("mask"), py::arg("weight"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("in_shape"), py::arg("qs"));
   m.attr("MAX_CONV_TAPS") = mmr::kMaxConvTaps;
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA backend");
 }

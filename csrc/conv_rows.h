@@ -39,6 +39,17 @@ MMR_HD void scatter_taps(const ConvGeometry& g, int64_t y, int64_t x, const scal
   }
 }
 
+// Where a per-sample activation mask [C, Ho, Wo] of the conv's output grid is read (strides of
+// its channel, row and column dimensions); a null mask means all ones.
+template <typename scalar_t>
+struct GridMask {
+  const scalar_t* data = nullptr;
+  int64_t sc = 0, sy = 0, sx = 0;
+  MMR_HD scalar_t at(int64_t c, int64_t y, int64_t x) const {
+    return data == nullptr ? scalar_t(1) : data[c * sc + y * sy + x * sx];
+  }
+};
+
 // Most taps (Cin x kh x kw) a fused step handles: the CUDA kernel keeps one position's taps in
 // registers.
 constexpr int64_t kMaxConvTaps = 128;

@@ -39,16 +39,17 @@ at::Tensor topk_hinge_backward_cpu(const at::Tensor& grad_value, const at::Tenso
                                    const at::Tensor& index, double gamma);
 
 // Fused last step of rows built in reverse order: rows given on the output grid of a conv layer
-// (maps [n, R, C, Ho, Wo], any strides) are walked back through the transposed conv (weight
+// (maps [n, R, C, Ho, Wo], any strides), times the activation mask of that grid (mask [n, C, Ho, Wo],
+// any strides; undefined: none), are walked back through the transposed conv (weight
 // [C, Cin, kh, kw], geometry g) onto its input and reduced to their dual norms in the same pass;
-// dist[k, b, r] = |f[b, r]| / ||row||_qk (+inf for a zero row). The input-space rows are never
-// written to memory.
-at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& weight,
-                                            const ConvGeometry& g, const NormSet& norms);
+// dist[k, b, r] = |f[b, r]| / ||row||_qk (+inf for a zero row). The masked maps and the input-space
+// rows are never written to memory.
+at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& mask,
+                                            const at::Tensor& weight, const ConvGeometry& g, const NormSet& norms);
 
 #ifdef WITH_CUDA
-at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& weight,
-                                             const ConvGeometry& g, const NormSet& norms);
+at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f, const at::Tensor& maps, const at::Tensor& mask,
+                                             const at::Tensor& weight, const ConvGeometry& g, const NormSet& norms);
 std::tuple<at::Tensor, at::Tensor> row_distances_cuda(const at::Tensor& f, const at::Tensor& rows,
                                                       const NormSet& norms, bool is_signed);
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cuda(

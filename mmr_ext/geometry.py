@@ -143,7 +143,8 @@ class ReverseRows:
                      tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Distances [Q, len(samples), O] to all rows of ``samples`` (f: their pre-activations), no
         autograd. When the walk ends with a conv on the input, that step runs fused with the dual
-        norms (:func:`ops.conv_transpose_row_distances`): the input-space rows are never stored."""
+        norms and the conv's activation mask (:func:`ops.conv_transpose_row_distances`): the masked
+        maps and the input-space rows are never stored."""
         from .ops import conv_transpose_row_distances, row_distances
 
         W, weights = self._unpack(tensors)
@@ -151,10 +152,14 @@ class ReverseRows:
         if fused is None:
             return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
         at, weight = fused
-        maps = _reverse(W[None], self.trace[at + 1:], weights[at + 1:], samples)
+        rest = at + 1
+        mask = None
+        if rest < len(self.trace) and isinstance(self.trace[rest], torch.Tensor):  # the conv's activation:
+            mask, rest = self.trace[rest][samples], rest + 1  # applied inside the fused step
+        maps = _reverse(W[None], self.trace[rest:], weights[rest:], samples)
         maps = maps.expand((f.shape[0],) + tuple(maps.shape[1:]))
         conv, conv_in, _ = self.trace[at]
-        return conv_transpose_row_distances(f, maps, weight, _pair(conv.stride), _pair(conv.padding),
+        return conv_transpose_row_distances(f, maps, mask, weight, _pair(conv.stride), _pair(conv.padding),
                                             _pair(conv.dilation), conv_in, qs)
 
     def elements_per_sample(self) -> int:
@@ -352,13 +357,15 @@ class MaskedKernelRows:
             rows = torch.matmul(m.transpose(1, 2).reshape(n * L, Z), G.permute(1, 0, 2).reshape(Z, O * E))
             rows = rows.reshape(n, L, O, Cin, R[0] * R[1]).transpose(1, 2) * inside
             return rows.reshape(n, O * L, E)
+        # pairs sorted by output channel: one GEMM per channel on a contiguous slice, then unsorted
+        order = torch.argsort(units // L, stable=True)
+        samples, units = samples[order], units[order]
         o, l = units // L, units % L
         mv = self.m[samples, :, l]  # [S, Z]
-        out = mv.new_zeros((units.shape[0], E))
-        for c in torch.unique(o).tolist():
-            sel = (o == c).nonzero().squeeze(1)
-            out = out.index_add(0, sel, mv[sel] @ G[c])
-        return (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
+        counts = torch.bincount(o, minlength=O).tolist()
+        out = torch.cat([part @ G[c] for c, part in enumerate(mv.split(counts)) if counts[c]])
+        out = (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
+        return out[torch.argsort(order)]
 
     def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
                      tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -76,17 +76,18 @@ def conv_transpose_fits(weight: torch.Tensor, in_shape: Sequence[int]) -> bool:
     return not weight.is_cuda or math.prod(in_shape) * weight.element_size() <= MAX_CUDA_CANVAS_BYTES
 
 
-def conv_transpose_row_distances(f: torch.Tensor, maps: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
-                                 padding: Sequence[int], dilation: Sequence[int], in_shape: Sequence[int],
-                                 qs: Sequence[float]) -> torch.Tensor:
+def conv_transpose_row_distances(f: torch.Tensor, maps: torch.Tensor, mask: Optional[torch.Tensor],
+                                 weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                                 dilation: Sequence[int], in_shape: Sequence[int], qs: Sequence[float]) -> torch.Tensor:
     """Native, fused last step of rows walked back in reverse order (no autograd).
 
     maps [n, R, C, Ho, Wo] (any strides) are rows on the output grid of a conv layer with weight
-    [C, Cin, kh, kw], stride, padding, dilation and input shape in_shape (Cin, Hin, Win). Each row
-    is walked back through the transposed conv onto the input and reduced to its dual norms in one
-    pass, without being stored. Returns ``|f| / ||row||_q`` [Q, n, R] (+inf for zero rows).
+    [C, Cin, kh, kw], stride, padding, dilation and input shape in_shape (Cin, Hin, Win); mask
+    [n, C, Ho, Wo] (any strides, or None) is the activation mask of that grid. Each row, times the
+    mask, is walked back through the transposed conv onto the input and reduced to its dual norms
+    in one pass, without being stored. Returns ``|f| / ||row||_q`` [Q, n, R] (+inf for zero rows).
     """
-    return _C.conv_transpose_row_distances(f.contiguous(), maps, weight, [int(v) for v in stride],
+    return _C.conv_transpose_row_distances(f.contiguous(), maps, mask, weight, [int(v) for v in stride],
                                            [int(v) for v in padding], [int(v) for v in dilation],
                                            [int(v) for v in in_shape], [float(q) for q in qs])
 

@@ -44,7 +44,7 @@ def _case(geometry_, dtype, channels_last=False, seed=0):
 def test_fused_step_matches_transposed_conv_then_norms(geometry_, dtype, tol):
     for channels_last in (False, True):
         f, maps, weight, s, p, d, in_shape = _case(geometry_, dtype, channels_last)
-        got = ops.conv_transpose_row_distances(f, maps, weight, s, p, d, in_shape, QS)
+        got = ops.conv_transpose_row_distances(f, maps, None, weight, s, p, d, in_shape, QS)
         rows_ref = _rows(maps, weight, s, p, d, in_shape)
         want = torch.stack([f.abs() / torch.linalg.vector_norm(rows_ref, ord=q, dim=2) for q in QS])
         assert got.shape == (len(QS),) + f.shape and got.dtype == dtype
@@ -62,11 +62,22 @@ def _rows(maps, weight, stride, padding, dilation, in_shape):
                               output_padding=extra, dilation=dilation).reshape(n, R, -1)
 
 
+@pytest.mark.parametrize("geometry_", GEOMETRIES[:3])
+def test_activation_mask_inside_the_fused_step_equals_masking_the_maps(geometry_):
+    f, maps, weight, s, p, d, in_shape = _case(geometry_, torch.float64, seed=1)
+    g = torch.Generator().manual_seed(2)
+    mask = (torch.rand(maps.shape[:1] + maps.shape[2:], generator=g) > 0.5).double() * 0.7
+    for layout in (mask, mask.contiguous(memory_format=torch.channels_last)):
+        got = ops.conv_transpose_row_distances(f, maps, layout, weight, s, p, d, in_shape, QS)
+        want = ops.conv_transpose_row_distances(f, maps * mask[:, None], None, weight, s, p, d, in_shape, QS)
+        assert_distances_close(got, want, 1e-12)
+
+
 def test_rows_shared_by_the_batch_through_a_broadcast_view():
     f, maps, weight, s, p, d, in_shape = _case(GEOMETRIES[0], torch.float64)
     shared = maps[:1].expand_as(maps)  # stride 0 over samples
-    got = ops.conv_transpose_row_distances(f, shared, weight, s, p, d, in_shape, [2.0])
-    want = ops.conv_transpose_row_distances(f, shared.contiguous(), weight, s, p, d, in_shape, [2.0])
+    got = ops.conv_transpose_row_distances(f, shared, None, weight, s, p, d, in_shape, [2.0])
+    want = ops.conv_transpose_row_distances(f, shared.contiguous(), None, weight, s, p, d, in_shape, [2.0])
     assert torch.equal(got, want)
 
 
@@ -78,7 +89,7 @@ def test_reverse_rows_use_the_fused_step(monkeypatch):
     original = ops.conv_transpose_row_distances
 
     def spy(*args):
-        calls.append(args[2].shape)
+        calls.append(args[3].shape)
         return original(*args)
 
     monkeypatch.setattr(ops, "conv_transpose_row_distances", spy)
@@ -103,6 +114,7 @@ def test_first_layers_the_fused_step_cannot_take_are_walked_back_by_torch():
 @pytest.mark.parametrize("change,message", [
     (dict(maps=lambda m: m[0]), "5-D"),
     (dict(f=lambda f: f[:, :2]), "f must have shape"),
+    (dict(mask=lambda m: torch.ones(3, 5, 6, 5, dtype=torch.float64)), "mask must have shape"),
     (dict(weight=lambda w: w[:2]), "weight must be a conv weight"),
     (dict(in_shape=lambda s: (s[0] + 1,) + s[1:]), "in_shape"),
     (dict(stride=lambda s: (0, 1)), "positive"),
@@ -111,12 +123,12 @@ def test_first_layers_the_fused_step_cannot_take_are_walked_back_by_torch():
 ])
 def test_argument_errors(change, message):
     f, maps, weight, s, p, d, in_shape = _case(GEOMETRIES[0], torch.float64)
-    args = dict(f=f, maps=maps, weight=weight, stride=s, padding=p, dilation=d, in_shape=in_shape)
+    args = dict(f=f, maps=maps, mask=None, weight=weight, stride=s, padding=p, dilation=d, in_shape=in_shape)
     for key, fn in change.items():
         args[key] = fn(args[key])
     with pytest.raises(RuntimeError, match=message):
-        ops.conv_transpose_row_distances(args["f"], args["maps"], args["weight"], args["stride"], args["padding"],
-                                         args["dilation"], args["in_shape"], QS)
+        ops.conv_transpose_row_distances(args["f"], args["maps"], args["mask"], args["weight"], args["stride"],
+                                         args["padding"], args["dilation"], args["in_shape"], QS)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
@@ -124,6 +136,8 @@ def test_argument_errors(change, message):
 def test_cuda_matches_cpu(geometry_):
     for channels_last in (False, True):
         f, maps, weight, s, p, d, in_shape = _case(geometry_, torch.float32, channels_last)
-        cpu = ops.conv_transpose_row_distances(f, maps, weight, s, p, d, in_shape, QS)
-        cuda = ops.conv_transpose_row_distances(f.cuda(), maps.cuda(), weight.cuda(), s, p, d, in_shape, QS)
-        assert_distances_close(cuda.cpu().double(), cpu.double(), 1e-5)
+        for mask in (None, (maps[:, 0] > 0.2).to(maps.dtype)):
+            cpu = ops.conv_transpose_row_distances(f, maps, mask, weight, s, p, d, in_shape, QS)
+            cuda = ops.conv_transpose_row_distances(f.cuda(), maps.cuda(), None if mask is None else mask.cuda(),
+                                                    weight.cuda(), s, p, d, in_shape, QS)
+            assert_distances_close(cuda.cpu().double(), cpu.double(), 1e-5)

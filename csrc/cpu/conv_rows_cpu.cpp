@@ -18,15 +18,15 @@ namespace {
 // One row: its taps at every output position scattered onto the canvas [Cin, Hin, Win]. kT > 0
 // fixes the tap count at compile time (the common kernels), so the tap loops vectorize.
 template <int64_t kT, typename scalar_t>
-void row_canvas(const ConvGeometry& g, const scalar_t* row, const int64_t* strides, const scalar_t* w,
-                scalar_t* taps, scalar_t* canvas) {
+void row_canvas(const ConvGeometry& g, const scalar_t* row, const int64_t* strides, const GridMask<scalar_t>& mask,
+                const scalar_t* w, scalar_t* taps, scalar_t* canvas) {
   const int64_t T = kT > 0 ? kT : taps_of(g);
   std::fill(canvas, canvas + input_size_of(g), scalar_t(0));
   for (int64_t y = 0; y < g.Ho; ++y) {
     for (int64_t x = 0; x < g.Wo; ++x) {
       const scalar_t* v = row + y * strides[1] + x * strides[2];
       std::fill(taps, taps + T, scalar_t(0));
-      for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * strides[0]], w + c * T, T);
+      for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * strides[0]] * mask.at(c, y, x), w + c * T, T);
       scatter_taps<scalar_t>(g, y, x, taps, canvas, [](scalar_t* at, scalar_t value) { *at += value; });
     }
   }
@@ -34,8 +34,8 @@ void row_canvas(const ConvGeometry& g, const scalar_t* row, const int64_t* strid
 
 }  // namespace
 
-at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& weight_in,
-                                            const ConvGeometry& g, const NormSet& norms) {
+at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& mask,
+                                            const at::Tensor& weight_in, const ConvGeometry& g, const NormSet& norms) {
   const at::Tensor f = f_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n = maps.size(0), R = maps.size(1), T = taps_of(g), D = input_size_of(g);
   const int Q = norms.count;
@@ -54,14 +54,18 @@ at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Te
       for (int64_t t = begin; t < end; ++t) {
         const int64_t b = t / R, r = t % R;
         const scalar_t* row = mp + b * sb + r * sr;
+        GridMask<scalar_t> row_mask;
+        if (mask.defined()) {
+          row_mask = {mask.data_ptr<scalar_t>() + b * mask.stride(0), mask.stride(1), mask.stride(2), mask.stride(3)};
+        }
         switch (T) {  // the kernels of common first layers: 1 or 3 channels, 3x3, 4x4, 5x5
-          case 9: row_canvas<9>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          case 16: row_canvas<16>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          case 25: row_canvas<25>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          case 27: row_canvas<27>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          case 48: row_canvas<48>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          case 75: row_canvas<75>(g, row, strides, wp, taps.data(), canvas.data()); break;
-          default: row_canvas<0>(g, row, strides, wp, taps.data(), canvas.data());
+          case 9: row_canvas<9>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          case 16: row_canvas<16>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          case 25: row_canvas<25>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          case 27: row_canvas<27>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          case 48: row_canvas<48>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          case 75: row_canvas<75>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
+          default: row_canvas<0>(g, row, strides, row_mask, wp, taps.data(), canvas.data());
         }
         row_norms<scalar_t, acc_t>(canvas.data(), D, norms, norm);
         const acc_t fv = static_cast<acc_t>(fp[t]);

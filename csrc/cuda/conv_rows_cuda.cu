@@ -46,6 +46,7 @@ __device__ acc_t block_sum(acc_t v, acc_t* scratch) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void conv_transpose_row_distances_kernel(const scalar_t* __restrict__ f, const scalar_t* __restrict__ maps,
+                                                    GridMask<scalar_t> mask, int64_t mask_sb,
                                                     const scalar_t* __restrict__ w, scalar_t* __restrict__ dist,
                                                     int64_t n, int64_t R, int64_t sb, int64_t sr, int64_t sc,
                                                     int64_t sy, int64_t sx, ConvGeometry g, NormSet norms) {
@@ -58,12 +59,13 @@ __global__ void conv_transpose_row_distances_kernel(const scalar_t* __restrict__
   for (int64_t i = threadIdx.x; i < D; i += blockDim.x) canvas[i] = scalar_t(0);
   __syncthreads();
   const scalar_t* row = maps + b * sb + r * sr;
+  if (mask.data != nullptr) mask.data += b * mask_sb;
   scalar_t taps[kMaxConvTaps];
   for (int64_t l = threadIdx.x; l < g.Ho * g.Wo; l += blockDim.x) {
     const int64_t y = l / g.Wo, x = l % g.Wo;
     const scalar_t* v = row + y * sy + x * sx;
     for (int64_t tap = 0; tap < T; ++tap) taps[tap] = scalar_t(0);
-    for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * sc], w + c * T, T);
+    for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * sc] * mask.at(c, y, x), w + c * T, T);
     scatter_taps<scalar_t>(g, y, x, taps, canvas, [](scalar_t* at, scalar_t value) { atomicAdd(at, value); });
   }
   __syncthreads();
@@ -88,8 +90,8 @@ __global__ void conv_transpose_row_distances_kernel(const scalar_t* __restrict__
 
 }  // namespace
 
-at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& weight_in,
-                                             const ConvGeometry& g, const NormSet& norms) {
+at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& mask,
+                                             const at::Tensor& weight_in, const ConvGeometry& g, const NormSet& norms) {
   const c10::cuda::CUDAGuard guard(maps.device());
   const at::Tensor f = f_in.contiguous(), weight = weight_in.contiguous();
   const int64_t n = maps.size(0), R = maps.size(1);
@@ -100,9 +102,16 @@ at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::T
               kMaxCanvasBytes, " bytes, got ", canvas_bytes, " (Cin x Hin x Win = ", input_size_of(g), ")");
   AT_DISPATCH_FLOATING_TYPES(maps.scalar_type(), "conv_transpose_row_distances_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
+    GridMask<scalar_t> grid_mask;
+    int64_t mask_sb = 0;
+    if (mask.defined()) {
+      grid_mask = {mask.data_ptr<scalar_t>(), mask.stride(1), mask.stride(2), mask.stride(3)};
+      mask_sb = mask.stride(0);
+    }
     conv_transpose_row_distances_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned int>(n * R), kThreads, canvas_bytes, at::cuda::getCurrentCUDAStream()>>>(
-            f.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), dist.data_ptr<scalar_t>(),
+            f.data_ptr<scalar_t>(), maps.data_ptr<scalar_t>(), grid_mask, mask_sb, weight.data_ptr<scalar_t>(),
+            dist.data_ptr<scalar_t>(),
             n, R, maps.stride(0), maps.stride(1), maps.stride(2), maps.stride(3), maps.stride(4), g, norms);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
