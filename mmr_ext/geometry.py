@@ -349,14 +349,11 @@ class MaskedKernelRows:
         O, Z, E = G.shape
         L = self.m.shape[2]
         R = self.window()
-        inside = _window_inside(self.grid, R, self.stride, self.offset, self.in_shape, G).reshape(L, 1, R[0] * R[1])
+        inside = self._inside(G)
         Cin = K.shape[1]
         if units is None:
-            m = self.m if samples is None else self.m[samples]
-            n = m.shape[0]
-            rows = torch.matmul(m.transpose(1, 2).reshape(n * L, Z), G.permute(1, 0, 2).reshape(Z, O * E))
-            rows = rows.reshape(n, L, O, Cin, R[0] * R[1]).transpose(1, 2) * inside
-            return rows.reshape(n, O * L, E)
+            rows = self._position_major_rows(samples, G, inside)  # [n, L, O, E]
+            return rows.transpose(1, 2).reshape(rows.shape[0], O * L, E)
         # pairs sorted by output channel: one GEMM per channel on a contiguous slice, then unsorted
         order = torch.argsort(units // L, stable=True)
         samples, units = samples[order], units[order]
@@ -367,12 +364,32 @@ class MaskedKernelRows:
         out = (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
         return out[torch.argsort(order)]
 
+    def _inside(self, G: torch.Tensor) -> torch.Tensor:
+        """[L, 1, Rh*Rw]: which entries of each position's window lie inside the image."""
+        R = self.window()
+        return _window_inside(self.grid, R, self.stride, self.offset, self.in_shape, G).reshape(-1, 1, R[0] * R[1])
+
+    def _position_major_rows(self, samples: Optional[torch.Tensor], G: torch.Tensor, inside: torch.Tensor
+                             ) -> torch.Tensor:
+        """All rows of ``samples`` as [n, L, O, E], the layout of the one GEMM that builds them."""
+        m = self.m if samples is None else self.m[samples]
+        n, Z, L = m.shape
+        O, _, E = G.shape
+        rows = torch.matmul(m.transpose(1, 2).reshape(n * L, Z), G.permute(1, 0, 2).reshape(Z, O * E))
+        return (rows.reshape(n, L, O, -1, inside.shape[-1]) * inside[None, :, None]).reshape(n, L, O, E)
+
     def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
                      tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Distances [Q, len(samples), O*L] to all rows of ``samples`` (f: their pre-activations)."""
+        """Distances [Q, len(samples), O*L] to all rows of ``samples`` (f: their pre-activations),
+        computed on the GEMM's position-major layout (no transposing copy of the rows)."""
         from .ops import row_distances
 
-        return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
+        G = self._G(*tensors)
+        rows = self._position_major_rows(samples, G, self._inside(G))
+        n, L, O, E = rows.shape
+        f_pm = f.reshape(n, O, L).transpose(1, 2).reshape(n * L, O)
+        dist = row_distances(f_pm, rows.reshape(n * L, O, E), qs)[0]  # [Q, n*L, O]
+        return dist.reshape(-1, n, L, O).transpose(2, 3).reshape(-1, n, O * L)
 
     def elements_per_sample(self) -> int:
         """Elements of the largest intermediate per sample when building all rows."""
