@@ -717,7 +717,8 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = _mask(rep, mask)
-        trace.append(mask)
+        # channels-last like the feature-map rows of the reverse walk: gathers keep the layout
+        trace.append(mask.contiguous(memory_format=torch.channels_last) if mask.dim() == 4 else mask)
     rep, logits = _apply_block(rep, chain.logits_block, g, trace)
     logits = logits.reshape(B, -1)
     check_labels(labels, B, logits.shape[1], x.device)

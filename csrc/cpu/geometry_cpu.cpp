@@ -135,9 +135,12 @@ std::tuple<at::Tensor, at::Tensor> topk_hinge_cpu(const at::Tensor& dist_in, int
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = dp + b * N;
         std::iota(order.begin(), order.end(), int64_t(0));
-        std::partial_sort(order.begin(), order.begin() + k, order.end(), [row](int64_t a, int64_t c) {
+        const auto before = [row](int64_t a, int64_t c) {
           return ranks_before<acc_t>(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[c]), c);
-        });
+        };
+        // linear-time selection of the k smallest, then a sort of those k only (k is often N/5)
+        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
+        std::sort(order.begin(), order.begin() + k, before);
         acc_t total = 0;
         for (int64_t i = 0; i < k; ++i) {
           ip[b * k + i] = order[i];
