@@ -15,12 +15,14 @@ Layers or layouts outside this scheme make :func:`region_distances` use the refe
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
 from .checks import check_chunk_size, check_input, check_labels, dual_exponent
@@ -253,6 +255,7 @@ def _conv_patches(rep: Patches, weight: torch.Tensor, stride, padding, dilation,
     if Ho <= 0 or Wo <= 0:
         raise Unsupported("empty conv output")
     E = Cin * Rh * Rw
+    _spend(Bp, Bp * (weight.shape[0] if not depthwise else C) * Ho * Wo * E * kh * kw)
     X = P.reshape(Bp, C, H, W, E).permute(0, 1, 4, 2, 3).reshape(Bp, C * E, H, W)
     U = F.unfold(X, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
     U = U.reshape(Bp, C, E, kh, kw, Ho * Wo)
@@ -623,6 +626,7 @@ def _patches_to_dense(rep: Patches, W: torch.Tensor) -> Dense:
     Bp, C, H, Wd, Cin, Rh, Rw = P.shape
     L, E = H * Wd, Cin * Rh * Rw
     O = W.shape[0]
+    _spend(Bp, Bp * O * E * L)
     Y = torch.einsum("ocl,bcle->boel", W.reshape(O, C, L), P.reshape(Bp, C, L, E))
     canvas = _overlap_add(Y.reshape(Bp * O, Cin, Rh, Rw, H, Wd), rep.stride)
     return _crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
@@ -745,6 +749,51 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
     return out, logits
 
 
+class _OverBudget(Exception):
+    """An explicit per-sample intermediate of the whole batch exceeds the memory budget."""
+
+    def __init__(self, per_sample: int):
+        super().__init__(per_sample)
+        self.per_sample = per_sample
+
+
+_budget = threading.local()  # .chunk_size: the budget of the current whole-batch pass (unset: none)
+
+
+def _spend(Bp: int, elements: int) -> None:
+    """Raises :class:`_OverBudget` when an explicit per-sample intermediate of ``elements``
+    elements (Bp samples) breaks the budget of the current whole-batch pass: more than
+    ``chunk_size`` samples, or (chunk_size None) more than DEFAULT_CHUNK_ELEMENTS elements."""
+    if not hasattr(_budget, "chunk_size") or Bp <= 1:
+        return
+    if (Bp > _budget.chunk_size) if _budget.chunk_size is not None else elements > DEFAULT_CHUNK_ELEMENTS:
+        raise _OverBudget(max(1, elements // Bp))
+
+
+def _budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
+                       chunk_size: Optional[int]):
+    """:func:`_fast_geometry` of the whole batch, or, when explicit rows (deep conv patches) break
+    the memory budget, of chunks of samples, each checkpointed under autograd (its rows are
+    rebuilt in the backward), so that one chunk's rows are alive at a time."""
+    _budget.chunk_size = chunk_size
+    try:
+        return _fast_geometry(chain, x, qs, labels, chunk_size)
+    except _OverBudget as over:
+        n = chunk_size if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // over.per_sample)
+    finally:
+        del _budget.chunk_size
+    parts = []
+    for start in range(0, x.shape[0], n):
+        args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], chunk_size)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_fast_geometry, *args, use_reentrant=False))
+        else:
+            parts.append(_fast_geometry(*args))
+    per_norm = [(torch.cat([part[0][i][0] for part in parts]), torch.cat([part[0][i][1] for part in parts]))
+                for i in range(len(qs))]
+    return per_norm, torch.cat([part[1] for part in parts])
+
+
 def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Optional[torch.Tensor] = None,
                      chunk_size: Optional[int] = None
                      ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
@@ -755,7 +804,7 @@ def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Op
     check_input(model, x)
     if native_or_warn():
         try:
-            return _fast_geometry(chain, x, qs, labels, chunk_size)
+            return _budgeted_geometry(chain, x, qs, labels, chunk_size)
         except Unsupported:
             pass
     return reference_geometry(chain, x, qs, labels)
@@ -770,11 +819,13 @@ def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torc
         x: float32/float64 batch [B, ...] on the model's device.
         p: norm, any float >= 1 or ``float('inf')``.
         labels: optional int64 [B] reference classes (default: the predicted classes).
-        chunk_size: memory budget, in samples: rows that are built on demand (fully connected
-            layers after convolutions) are built for at most this many samples at a time and
-            never stored; the backward rebuilds only the rows it needs. Default: as many samples
-            as keep the largest such intermediate under ``DEFAULT_CHUNK_ELEMENTS`` elements. Only
-            speed and memory depend on it.
+        chunk_size: memory budget, in samples: rows that are built on demand (the second conv
+            layer, fully connected layers after convolutions) are built for at most this many
+            samples at a time and never stored; the backward rebuilds only the rows it needs.
+            Explicit rows of deeper convolutions (patches) are built for at most this many
+            samples at a time too, each chunk checkpointed (rebuilt in the backward). Default: as
+            many samples as keep the largest such intermediate under ``DEFAULT_CHUNK_ELEMENTS``
+            elements. Only speed and memory depend on it.
 
     Returns:
         boundary [B, N]: distance to each hidden unit's hyperplane, units ordered by layer then by

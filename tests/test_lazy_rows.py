@@ -115,3 +115,35 @@ def test_chunk_size_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="chunk_size"):
         mmr_ext.universal_loss(model, x, torch.zeros(5, dtype=torch.long), k_boundary=3, gamma=(1.0, 0.1),
                                chunk_size=bad)
+
+
+@pytest.mark.parametrize("chunk_size,budget", [(None, 200), (2, None), (None, None)])
+def test_deep_conv_patches_over_the_budget_are_built_in_checkpointed_chunks(monkeypatch, chunk_size, budget):
+    """Explicit patch rows of deep convolutions that break the memory budget (chunk_size samples,
+    or DEFAULT_CHUNK_ELEMENTS elements) are built chunk by chunk, checkpointed; values and
+    gradients equal the reference's, and the whole-batch budget state is cleared afterwards."""
+    if budget is not None:
+        monkeypatch.setattr(geometry, "DEFAULT_CHUNK_ELEMENTS", budget)
+    passes = []
+    original = geometry._fast_geometry
+    monkeypatch.setattr(geometry, "_fast_geometry", lambda chain, x, *a: passes.append(x.shape[0]) or
+                        original(chain, x, *a))
+    model, x = make_model("cnn")  # three convolutions: the third one's patches are explicit
+    (b, d), fast = distances_and_grads(mmr_ext.region_distances, model, x, 1, chunk_size=chunk_size)
+    (rb, rd), ref = distances_and_grads(mmr_ext.region_distances_reference, model, x, 1)
+    assert_distances_close(b, rb, 1e-10)
+    assert_distances_close(d, rd, 1e-10)
+    for g_fast, g_ref in zip(fast, ref):
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
+    if chunk_size is None and budget is None:
+        assert passes == [5]  # within the default budget: one whole-batch pass
+    else:
+        # a whole-batch attempt stopped at the first patches over budget, then chunks (each once
+        # in the forward and once more when the backward rebuilds it)
+        n = chunk_size or 1
+        chunks = [min(n, 5 - s) for s in range(0, 5, n)]
+        assert passes == [5] + chunks + chunks[::-1] or passes == [5] + chunks + chunks
+    assert not hasattr(geometry._budget, "chunk_size")
+    with torch.no_grad():
+        nb, _ = mmr_ext.region_distances(model, x, 1, chunk_size=chunk_size)
+    assert_distances_close(nb, rb.detach(), 1e-10)
