@@ -1,4 +1,5 @@
 // C++ unit tests (ctest) of the shared arithmetic in csrc/geometry.h and the CPU ops.
+#include "conv_rows.h"
 #include "geometry.h"
 #include "ops.h"
 
@@ -94,12 +95,55 @@ void test_cpu_ops() {
   expect_near(grad[0][0].item<double>(), 0.0, 0, "top-k grad unselected");
 }
 
+// One output unit (c, y, x) of a conv walked back: its row on the input is the kernel w[c] placed
+// at (y*sh - ph, x*sw - pw) with dilation, cut at the borders (written out from the definition).
+void test_conv_transpose_step() {
+  const mmr::ConvGeometry g{2, 3, 4, 2, 5, 6, 3, 2, 2, 1, 1, 0, 1, 2};  // C Ho Wo Cin Hin Win kh kw sh sw ph pw dh dw
+  const int64_t T = mmr::taps_of(g);
+  std::vector<double> w(g.C * T);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.25 * static_cast<double>(i) - 3.0;
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t y = 0; y < g.Ho; ++y) {
+      for (int64_t x = 0; x < g.Wo; ++x) {
+        std::vector<double> taps(T, 0.0), canvas(mmr::input_size_of(g), 0.0), expected(canvas.size(), 0.0);
+        mmr::add_channel_taps<double>(taps.data(), 2.0, w.data() + c * T, T);
+        mmr::scatter_taps<double>(g, y, x, taps.data(), canvas.data(), [](double* at, double v) { *at += v; });
+        for (int64_t cin = 0; cin < g.Cin; ++cin) {
+          for (int64_t i = 0; i < g.kh; ++i) {
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t oy = y * g.sh - g.ph + i * g.dh, ox = x * g.sw - g.pw + j * g.dw;
+              if (oy >= 0 && oy < g.Hin && ox >= 0 && ox < g.Win) {
+                expected[(cin * g.Hin + oy) * g.Win + ox] += 2.0 * w[c * T + (cin * g.kh + i) * g.kw + j];
+              }
+            }
+          }
+        }
+        for (size_t i = 0; i < canvas.size(); ++i) expect_near(canvas[i], expected[i], 0, "placed kernel");
+      }
+    }
+  }
+  // the op: a one-hot map's distance is |f| over the norm of the placed (border-cut) kernel
+  at::Tensor maps = at::zeros({1, 1, g.C, g.Ho, g.Wo}, at::kDouble);
+  maps[0][0][1][0][0] = 1.0;
+  at::Tensor weight = at::from_blob(w.data(), {g.C, g.Cin, g.kh, g.kw}, at::kDouble).clone();
+  at::Tensor f = at::full({1, 1}, -3.0, at::kDouble);
+  at::Tensor dist = mmr::conv_transpose_row_distances_cpu(f, maps, at::Tensor(), weight, g, norm_set({1.0}));
+  double l1 = 0;  // (y, x) = (0, 0): rows i >= 1 and all columns j (0 and 2) are inside
+  for (int64_t cin = 0; cin < g.Cin; ++cin) {
+    for (int64_t i = 1; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) l1 += std::fabs(w[T + (cin * g.kh + i) * g.kw + j]);
+    }
+  }
+  expect_near(dist[0][0][0].item<double>(), 3.0 / l1, 1e-15, "fused step distance");
+}
+
 }  // namespace
 
 int main() {
   test_norms();
   test_distances_and_hinge();
   test_cpu_ops();
+  test_conv_transpose_step();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
