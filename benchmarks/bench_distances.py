@@ -6,7 +6,7 @@
 Methods (all in this process, interleaved): ``native`` (mmr_ext, compact rows + C++ kernels),
 ``reference`` (mmr_ext's pure-PyTorch oracle), ``dense`` (the authors' identity-propagation
 algorithm rendered in PyTorch, benchmarks/baselines.py) and ``jacrev`` (torch.func vmap+jacrev).
-Tasks: ``distances`` (l1 and l∞ boundary+decision distances, forward) and ``loss`` (universal_loss
+Tasks: ``distances`` (l1 and l∞ boundary+decision distances, forward without autograd) and ``loss`` (universal_loss
 forward+backward). Reports median time, ratio of each baseline to native, peak memory (tensor
 allocations recorded by the torch profiler) and GFLOP/s of the native path's products against
 this machine's measured GEMM rate. Writes JSON (and prints a table).
@@ -34,12 +34,14 @@ KW = dict(k_boundary=0.2, gamma=(1.0, 0.15), lam=(3.0, 12.0))
 
 
 def _distances_native(model, x, y):
-    return mmr_ext.geometry.compute_geometry(model, x, (1, math.inf), y)
+    with torch.no_grad():  # like the baselines' distance task
+        return mmr_ext.geometry.compute_geometry(model, x, (1, math.inf), y)
 
 
 def _distances_reference(model, x, y):
     chain = mmr_ext.chain.parse_model(model)
-    return mmr_ext.reference.reference_geometry(chain, x, (math.inf, 1.0), y)
+    with torch.no_grad():
+        return mmr_ext.reference.reference_geometry(chain, x, (math.inf, 1.0), y)
 
 
 def _loss_native(model, x, y):
