@@ -164,5 +164,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("f"), py::arg("maps"), py::arg("mask"), py::arg("weight"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("in_shape"), py::arg("qs"));
   m.attr("MAX_CONV_TAPS") = mmr::kMaxConvTaps;
+  m.attr("MAX_CUDA_CANVAS_BYTES") = mmr::kMaxCanvasBytes;
   m.def("has_cuda", &has_cuda, "Whether this build contains the CUDA backend");
 }

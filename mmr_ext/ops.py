@@ -63,17 +63,13 @@ def topk_hinge(dist: torch.Tensor, k: int, gamma: float) -> Tuple[torch.Tensor, 
 
 
 
-#: Largest input-space row, in bytes, that the CUDA kernel of the fused step keeps in shared memory
-#: (csrc/conv_rows.h, kMaxCanvasBytes).
-MAX_CUDA_CANVAS_BYTES = 40 * 1024
-
-
 def conv_transpose_fits(weight: torch.Tensor, in_shape: Sequence[int]) -> bool:
     """Whether :func:`conv_transpose_row_distances` handles a conv with this weight [C, Cin, kh, kw]
     on an input of shape in_shape (Cin, Hin, Win)."""
-    if weight[0].numel() > _C.MAX_CONV_TAPS:
+    if weight[0].numel() > _C.MAX_CONV_TAPS:  # taps per output position (csrc/conv_rows.h)
         return False
-    return not weight.is_cuda or math.prod(in_shape) * weight.element_size() <= MAX_CUDA_CANVAS_BYTES
+    # the CUDA kernel keeps one input-space row in a block's shared memory
+    return not weight.is_cuda or math.prod(in_shape) * weight.element_size() <= _C.MAX_CUDA_CANVAS_BYTES
 
 
 def conv_transpose_row_distances(f: torch.Tensor, maps: torch.Tensor, mask: Optional[torch.Tensor],
