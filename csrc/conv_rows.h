@@ -63,4 +63,16 @@ MMR_HD void add_channel_taps(scalar_t* __restrict__ taps, scalar_t v, const scal
   for (int64_t tap = 0; tap < T; ++tap) taps[tap] += v * w_c[tap];
 }
 
+// A row's contribution at output position (y, x): its entries over the C channels (v, stride
+// v_stride), times the activation mask, give the position's taps (the channels' shares summed),
+// which are scattered onto the canvas. The CPU and CUDA kernels both run this per position.
+template <typename scalar_t, typename Add>
+MMR_HD void add_position(const ConvGeometry& g, int64_t y, int64_t x, const scalar_t* v, int64_t v_stride,
+                         const GridMask<scalar_t>& mask, const scalar_t* w, int64_t T, scalar_t* taps,
+                         scalar_t* canvas, Add add) {
+  for (int64_t tap = 0; tap < T; ++tap) taps[tap] = scalar_t(0);
+  for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * v_stride] * mask.at(c, y, x), w + c * T, T);
+  scatter_taps<scalar_t>(g, y, x, taps, canvas, add);
+}
+
 }  // namespace mmr

@@ -560,10 +560,8 @@ def _reverse(rows: torch.Tensor, trace: list, weights: list, samples: Optional[t
     for entry, weight in zip(reversed(trace), reversed(weights)):
         Bp, O = rows.shape[:2]
         if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
-            mask = entry if samples is None else entry[samples]
-            if mask.dim() == 4 and rows[0].is_contiguous(memory_format=torch.channels_last):
-                mask = mask.contiguous(memory_format=torch.channels_last)  # same layout: a fast product
-            rows = rows * mask[:, None]
+            # feature-map masks are stored channels-last (see _fast_geometry): the layout of the rows
+            rows = rows * (entry if samples is None else entry[samples])[:, None]
             continue
         layer, layer_in, _ = entry
         flat = _transpose_layer(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)

@@ -24,10 +24,8 @@ void row_canvas(const ConvGeometry& g, const scalar_t* row, const int64_t* strid
   std::fill(canvas, canvas + input_size_of(g), scalar_t(0));
   for (int64_t y = 0; y < g.Ho; ++y) {
     for (int64_t x = 0; x < g.Wo; ++x) {
-      const scalar_t* v = row + y * strides[1] + x * strides[2];
-      std::fill(taps, taps + T, scalar_t(0));
-      for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * strides[0]] * mask.at(c, y, x), w + c * T, T);
-      scatter_taps<scalar_t>(g, y, x, taps, canvas, [](scalar_t* at, scalar_t value) { *at += value; });
+      add_position<scalar_t>(g, y, x, row + y * strides[1] + x * strides[2], strides[0], mask, w, T, taps, canvas,
+                             [](scalar_t* at, scalar_t value) { *at += value; });
     }
   }
 }
@@ -48,6 +46,7 @@ at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Te
     scalar_t* dp = dist.data_ptr<scalar_t>();
     const int64_t sb = maps.stride(0), sr = maps.stride(1);
     const int64_t strides[3] = {maps.stride(2), maps.stride(3), maps.stride(4)};
+    const scalar_t* mask_p = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, n * R, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> canvas(D), taps(T);
       acc_t norm[kMaxNorms];
@@ -55,9 +54,7 @@ at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Te
         const int64_t b = t / R, r = t % R;
         const scalar_t* row = mp + b * sb + r * sr;
         GridMask<scalar_t> row_mask;
-        if (mask.defined()) {
-          row_mask = {mask.data_ptr<scalar_t>() + b * mask.stride(0), mask.stride(1), mask.stride(2), mask.stride(3)};
-        }
+        if (mask_p != nullptr) row_mask = {mask_p + b * mask.stride(0), mask.stride(1), mask.stride(2), mask.stride(3)};
         switch (T) {  // the kernels of common first layers: 1 or 3 channels, 3x3, 4x4, 5x5
           case 9: row_canvas<9>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
           case 16: row_canvas<16>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;

@@ -63,10 +63,8 @@ __global__ void conv_transpose_row_distances_kernel(const scalar_t* __restrict__
   scalar_t taps[kMaxConvTaps];
   for (int64_t l = threadIdx.x; l < g.Ho * g.Wo; l += blockDim.x) {
     const int64_t y = l / g.Wo, x = l % g.Wo;
-    const scalar_t* v = row + y * sy + x * sx;
-    for (int64_t tap = 0; tap < T; ++tap) taps[tap] = scalar_t(0);
-    for (int64_t c = 0; c < g.C; ++c) add_channel_taps<scalar_t>(taps, v[c * sc] * mask.at(c, y, x), w + c * T, T);
-    scatter_taps<scalar_t>(g, y, x, taps, canvas, [](scalar_t* at, scalar_t value) { atomicAdd(at, value); });
+    add_position<scalar_t>(g, y, x, row + y * sy + x * sx, sc, mask, w, T, taps, canvas,
+                           [](scalar_t* at, scalar_t value) { atomicAdd(at, value); });
   }
   __syncthreads();
   RowStats<acc_t> st;
