@@ -1,4 +1,4 @@
-"""Reproduces Table 1 and Figure 2 of Croce & Hein (ICLR 2020), seed 000, from mmr_ext.radii.
+"""Reproduces Table 1 and Figure 2 of Croce & Hein (ICLR 2020), from mmr_ext.radii.
 
 Table 1: the l2 radius implied by the convex hull of the l1 and l∞ balls (Thm 3.1, eq. 6) for each
 dataset's (e1, e∞), next to the e2 the paper evaluates at.

@@ -1,4 +1,4 @@
-"""Reproduces the MNIST rows of seed 000 Table 4 on the bundled mnist5k split.
+"""Reproduces the MNIST rows of Table 4 of the MMR-Universal paper (Croce & Hein, ICLR 2020) on the bundled mnist5k split.
 
 Trains plain, AT-l∞, MMR-l∞ and MMR-Universal CNNs (the papers' MNIST CNN) on the 4000 mnist5k
 training images, then evaluates each with :func:`mmr_ext.evaluate` at the papers' MNIST radii
@@ -41,7 +41,7 @@ SCHEMES: Dict[str, Dict[str, object]] = {
     "MMR-Universal": dict(mode="universal"),
 }
 COLUMNS = ("l1", "l2", "linf", "union")
-#: seed 000 Table 4, MNIST (full training set, first 1000 test points): TE, then (LB, UB) per column.
+#: Table 4 of the MMR-Universal paper, MNIST (full training set, first 1000 test points): TE, then (LB, UB) per column.
 PAPER_TABLE4 = {
     "plain": (0.85, {"l1": (2.3, 100), "l2": (3.1, 100), "linf": (88.5, 100), "union": (88.5, 100)}),
     "AT-linf": (0.82, {"l1": (1.8, 100), "l2": (1.7, 100), "linf": (4.7, 100), "union": (4.7, 100)}),

@@ -1,4 +1,4 @@
-// Host/device geometry of one transposed-convolution step of a row of V (MATH.md §1): the rows of
+// Host/device geometry of one transposed-convolution step of a row of V (docs/MATH.md §1): the rows of
 // a conv layer's output units walked back onto the layer's input, as the reverse (vector-Jacobian)
 // order computes them. Shared by the CPU and CUDA kernels of conv_transpose_row_distances.
 #pragma once

@@ -1,4 +1,4 @@
-// Per-element arithmetic of mmr_ext shared by the CPU and the CUDA backends (MATH.md §2, §6).
+// Per-element arithmetic of mmr_ext shared by the CPU and the CUDA backends (docs/MATH.md §2, §6).
 // Everything here is a host/device inline function so that the CPU tests exercise the very
 // arithmetic the GPU kernels run.
 #pragma once
@@ -95,7 +95,7 @@ MMR_HD acc_t signed_distance(acc_t margin, acc_t norm) {
   return norm > acc_t(0) ? margin / norm : acc_t(INFINITY);
 }
 
-// Hinge max(0, 1 - d / gamma) of MATH.md §6 and its derivative in d.
+// Hinge max(0, 1 - d / gamma) of docs/MATH.md §6 and its derivative in d.
 template <typename acc_t>
 MMR_HD acc_t hinge(acc_t d, acc_t gamma) {
   const acc_t h = acc_t(1) - d / gamma;

@@ -19,7 +19,7 @@ struct NormSet {
   NormKind kind[kMaxNorms];
 };
 
-// Row distances (MATH.md §2): for rows V [Br, R, D] (Br = B, or 1 when the rows are shared by the
+// Row distances (docs/MATH.md §2): for rows V [Br, R, D] (Br = B, or 1 when the rows are shared by the
 // whole batch), pre-activations or margins f [B, R] and dual exponents q_k,
 // dist[k, b, r] = |f[b, r]| / ||V[b, r]||_qk (or f / ||V||_qk when is_signed), +inf for zero rows.
 // Returns (dist [Q, B, R], norm [Q, Br, R]); the norms are kept for the backward.
@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
     const at::Tensor& grad_dist, const at::Tensor& f, const at::Tensor& rows, const at::Tensor& dist,
     const at::Tensor& norm, const NormSet& norms, bool is_signed);
 
-// Top-k hinge (MATH.md §6): per sample b, the k smallest entries of dist [B, N] (ties broken by
+// Top-k hinge (docs/MATH.md §6): per sample b, the k smallest entries of dist [B, N] (ties broken by
 // index), value_b = (1/k) sum_i max(0, 1 - d^i / gamma). Returns (value [B], index [B, k]) with the
 // indices in ascending order of distance.
 std::tuple<at::Tensor, at::Tensor> topk_hinge_cpu(const at::Tensor& dist, int64_t k, double gamma);

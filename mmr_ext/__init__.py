@@ -1,7 +1,7 @@
 """mmr_ext: training and certifying ReLU networks that are provably robust in every lp-norm.
 
 Implements MMR (Croce, Andriushchenko & Hein 2019) and MMR-Universal (Croce & Hein 2020) with
-native (C++/CUDA) kernels for the linear-region geometry. See README.md and MATH.md.
+native (C++/CUDA) kernels for the linear-region geometry. See README.md and docs/MATH.md.
 """
 import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 

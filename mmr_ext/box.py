@@ -1,4 +1,4 @@
-"""lp-distances to hyperplanes inside a box (MATH.md §7, seed 004 App. A.1).
+"""lp-distances to hyperplanes inside a box (docs/MATH.md §7, the MMR paper, App. A.1).
 
 For a hyperplane {z : <w, z> + b = 0} and a point x in the box [lo, hi]^d the box distance is
 
@@ -324,7 +324,7 @@ def box_distance(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, p: float,
 def box_min_distance(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, p: float,
                      lo: Bound = 0.0, hi: Bound = 1.0, *, chunk: int = 32,
                      chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Smallest box distance over the hyperplanes, with the early stop of seed 004 App. A.1.
+    """Smallest box distance over the hyperplanes, with the early stop of the MMR paper, App. A.1.
 
     Per point the hyperplanes are visited in ascending unconstrained distance u_m (a lower bound
     of the box distance), ``chunk`` at a time, until the best box distance found is strictly

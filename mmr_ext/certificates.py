@@ -1,4 +1,4 @@
-"""Certified lp robustness radii of ReLU networks (MATH.md §3, §5, §7, §8).
+"""Certified lp robustness radii of ReLU networks (docs/MATH.md §3, §5, §7, §8).
 
 :func:`certify` returns a :class:`Certificate`: per norm p a radius ``r`` such that no input within
 lp-distance ``< r`` of x (inside the box, if one is given) changes the decision of the network,
@@ -11,7 +11,7 @@ x gets ``min(dB, dD)``, exact when ``dD <= dB``. With ``box=(lo, hi)`` every dis
 box-constrained one (§7), solved by :func:`mmr_ext.box_min_distance` only for the few hyperplanes
 that can be the closest.
 
-Neighbouring regions (§8, seed 004 App. A.2). For a pattern P (which hidden units are active),
+Neighbouring regions (§8, the MMR paper, App. A.2). For a pattern P (which hidden units are active),
 Q_P is the polyhedron on which the network equals the affine network with P's fixed slopes
 (:mod:`mmr_ext.regions`); ``π^P_u`` is unit u's hyperplane there and ``P^u`` is P with u flipped.
 Let E be a set of explored patterns containing the pattern of x, all distances measured from x
@@ -132,7 +132,7 @@ class Certificate:
         return tuple(self.radius)
 
     def universal(self, p) -> torch.Tensor:
-        """Universal lp radius [B] from the l1 and l∞ region certificates (seed 000 Thm 4.1).
+        """Universal lp radius [B] from the l1 and l∞ region certificates (Croce & Hein, ICLR 2020, Thm 4.1).
 
         ``hull_radius(ρ1, ρ∞, p, d)``: valid for every p >= 1 at once, 0 for misclassified
         points. It ignores the box and the neighbouring regions (see the module docstring), so for
@@ -160,7 +160,7 @@ class Certificate:
         regions); "radius" covers the p of eps among ``norms`` and "union" is None unless all of
         them are. "universal"/"union_universal" (any p) show
         what one l1 + l∞ computation guarantees for all norms (the MMR-Universal certificate of
-        seed 000); for the union l1 + l2 + l∞ it is the fraction with ρ1 > ε1, ρ∞ > ε∞ and
+        Croce & Hein, ICLR 2020); for the union l1 + l2 + l∞ it is the fraction with ρ1 > ε1, ρ∞ > ε∞ and
         hull(ρ1, ρ∞) > ε2. Both are fractions of all B points (misclassified ones count as not
         certified).
         """
@@ -284,7 +284,7 @@ def _projection(w: np.ndarray, g: float, x: np.ndarray, p: float, q: float, box)
     """A minimiser δ of ||δ||_p s.t. <w, x + δ> + b = 0 (g = <w, x> + b != 0) in the box, or None.
 
     Coordinate i moves by t_i >= 0 toward the hyperplane, within its room: p = 1 fills the
-    largest |w_i| first; otherwise t_i = min(μ c_i, room_i) with c_i = |w_i|^{q-1} (MATH.md §7),
+    largest |w_i| first; otherwise t_i = min(μ c_i, room_i) with c_i = |w_i|^{q-1} (docs/MATH.md §7),
     μ by bisection (closed form without a box).
     """
     a = np.abs(w)
@@ -585,9 +585,9 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
             always computed internally for :meth:`Certificate.universal`.
         box: None, or ``(lo, hi)`` with numbers or tensors broadcastable to one input (e.g.
             ``(0, 1)`` for images): inputs are constrained to the box, every distance becomes the
-            box-constrained one (MATH.md §7). x must lie inside, with lo < hi.
+            box-constrained one (docs/MATH.md §7). x must lie inside, with lo < hi.
         neighbors: explore up to this many neighbouring linear regions per point and norm where
-            the region certificate is only a lower bound (MATH.md §8; the paper used 5).
+            the region certificate is only a lower bound (docs/MATH.md §8; the paper used 5).
         progress: show a tqdm progress bar.
 
     Returns:

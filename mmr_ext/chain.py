@@ -1,6 +1,6 @@
 """Parsing of an ``nn.Sequential`` into a chain of affine blocks and ReLU-type activations.
 
-MATH.md §1: a network is ``f(l) = A_l(g(l-1))``, ``g(l) = act(f(l))`` for hidden layers l = 1..L and
+docs/MATH.md §1: a network is ``f(l) = A_l(g(l-1))``, ``g(l) = act(f(l))`` for hidden layers l = 1..L and
 logits ``f(L+1) = A_{L+1}(g(L))``. Consecutive affine layers fold into one block, so they add no
 hyperplanes. Each block can apply itself (with biases) and its linear part (without biases).
 """

@@ -17,7 +17,7 @@ _TRAIN_EPILOG = """\
 examples:
   mmr-ext train                                   # demo: MMR-Universal CNN on bundled mnist5k
   mmr-ext train --dataset mnist --data-dir ~/data/mnist --epochs 100   # the papers' MNIST run
-  mmr-ext train --mode mmr --p inf --lam 1 --gamma 0.15                # MMR-l∞ (seed 004)
+  mmr-ext train --mode mmr --p inf --lam 1 --gamma 0.15                # MMR-l∞ (Croce, Andriushchenko & Hein, AISTATS 2019)
   mmr-ext train --mode at --at-norm max --epochs 10                    # AT-(l1, l2, l∞)
   mmr-ext train --out-dir results/run1 --resume   # continue an interrupted run exactly
   torchrun --nproc_per_node 2 -m mmr_ext train    # the same run on 2 processes (DDP)

@@ -1,6 +1,6 @@
 """Test error and lower / upper bounds on the robust test error per lp-norm and for their union.
 
-Protocol of seed 000 (§5, App. C; MATH.md §9). For every point and every norm p with radius ε_p:
+Protocol of the MMR-Universal paper (Croce & Hein, ICLR 2020) (§5, App. C; docs/MATH.md §9). For every point and every norm p with radius ε_p:
 
 - **LB** (lower bound, "attacked"): the point is misclassified, or an attack found a point of
   lp-norm <= ε_p inside the box that the network misclassifies. Every adversarial example is
@@ -44,7 +44,7 @@ from .attacks import (_check_box, _check_in_box, _check_y, _parse_eps_dict, marg
 __all__ = ["EvaluationResult", "evaluate", "add_arguments", "run", "PAPER_EPS", "norm_name"]
 
 INF = math.inf
-#: ε per data set (seed 000 Table 1 / Table 4): MNIST and F-MNIST, GTSRB, CIFAR-10.
+#: ε per data set (Croce & Hein, ICLR 2020, Table 1 / Table 4): MNIST and F-MNIST, GTSRB, CIFAR-10.
 PAPER_EPS: Dict[str, Dict[float, float]] = {
     "mnist": {1.0: 1.0, 2.0: 0.3, INF: 0.1},
     "mnist5k": {1.0: 1.0, 2.0: 0.3, INF: 0.1},
@@ -153,7 +153,7 @@ class EvaluationResult:
         return out
 
     def table(self, title: Optional[str] = None) -> str:
-        """The table of seed 000 (Table 4 layout): TE, then LB / UB per norm and for the union."""
+        """The table of the MMR-Universal paper (Table 4 layout): TE, then LB / UB per norm and for the union."""
         cols = [(f"{norm_name(p)} (eps={_fmt_eps(e)})", p) for p, e in self.eps.items()]
         cols.append(("+".join(norm_name(p) for p in self.eps) if len(self.eps) > 1 else "union", "union"))
         width = max(16, max(len(name) for name, _ in cols) + 2)
@@ -294,7 +294,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
              use_bounds: bool = True, bound_alpha_steps: int = 0, use_mip: bool = False,
              mip_time_limit: float = 120.0, neighbors: int = 0, workers: int = 1,
              batch_size: int = 100, seed: int = 0, progress: bool = True) -> EvaluationResult:
-    """Test error and lower / upper bounds on the robust test error (MATH.md §9).
+    """Test error and lower / upper bounds on the robust test error (docs/MATH.md §9).
 
     Args:
         model: ``nn.Sequential`` ReLU network (eval-mode semantics are used; flags restored).

@@ -1,4 +1,4 @@
-"""Fast linear-region geometry (MATH.md §1-2): compact V(l) representations and native distances.
+"""Fast linear-region geometry (docs/MATH.md §1-2): compact V(l) representations and native distances.
 
 Rows of V(l) are kept in the cheapest exact form and never densified needlessly:
 - ``Dense``   V [Bp, n, d]: rows over the whole input (after fully connected layers). The first
@@ -812,7 +812,7 @@ def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Op
 
 def region_distances(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None, *,
                      chunk_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """lp-distances of each sample to its region's hyperplanes (MATH.md §2).
+    """lp-distances of each sample to its region's hyperplanes (docs/MATH.md §2).
 
     Args:
         model: ``nn.Sequential`` of supported layers (see README).

@@ -1,4 +1,4 @@
-"""MMR and MMR-Universal regularizers and training objectives (MATH.md §6)."""
+"""MMR and MMR-Universal regularizers and training objectives (docs/MATH.md §6)."""
 from __future__ import annotations
 
 import math
@@ -93,7 +93,7 @@ def _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size):
 def mmr_universal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boundary: KSpec,
                   gamma: Sequence[float], lam: Sequence[float] = (1.0, 1.0),
                   selection: str = "per_norm", chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Per-sample MMR-Universal regularizer [B] (seed 000 eq. 9, MATH.md §6).
+    """Per-sample MMR-Universal regularizer [B] (Croce & Hein, ICLR 2020, eq. 9, docs/MATH.md §6).
 
     ``(1/kB) Σ_{i<=kB} [λ1 h(dB1^i, γ1) + λ∞ h(dB∞^i, γ∞)] + (1/(K-1)) Σ_{i<=K-1} [λ1 h(dD1^i, γ1) + λ∞ h(dD∞^i, γ∞)]``
     with h(d, γ) = max(0, 1 - d/γ), distances to the true class y.
@@ -145,7 +145,7 @@ def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision
 def mmr_regularizer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec,
                     k_decision: KSpec, gamma_boundary: float, gamma_decision: float,
                     chunk_size: Optional[int] = None) -> torch.Tensor:
-    """Per-sample kMMR-lp regularizer [B] (seed 004 eq. 6, MATH.md §6).
+    """Per-sample kMMR-lp regularizer [B] (Croce, Andriushchenko & Hein, AISTATS 2019, eq. 6, docs/MATH.md §6).
 
     k_decision counts decision hyperplanes among the K-1 other classes (kD = K is accepted as the
     paper's "all classes" and means K-1). chunk_size: see :func:`mmr_ext.region_distances`.
@@ -156,7 +156,7 @@ def mmr_regularizer(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_
 def mmr_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, p, k_boundary: KSpec, k_decision: KSpec,
              gamma_boundary: float, gamma_decision: float, lam: float, return_terms: bool = False,
              chunk_size: Optional[int] = None):
-    """MMR-lp objective of seed 004: mean cross-entropy + λ · mean kMMR-lp."""
+    """MMR-lp objective of the MMR paper (Croce, Andriushchenko & Hein, AISTATS 2019): mean cross-entropy + λ · mean kMMR-lp."""
     lam = _non_negative(lam, "lam")
     reg, logits = _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision, chunk_size)
     ce = F.cross_entropy(logits, y.long())

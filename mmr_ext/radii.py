@@ -1,11 +1,11 @@
-"""lp radii implied by l1 and l∞ balls (MATH.md §4) and the universal certificate (MATH.md §5).
+"""lp radii implied by l1 and l∞ balls (docs/MATH.md §4) and the universal certificate (docs/MATH.md §5).
 
 For B1 = {||x||_1 <= e1} and B∞ = {||x||_∞ <= e∞} in R^d every function here returns the
 smallest lp-norm of a point outside some set built from the two balls:
 
 - :func:`naive_radius`: the classical lower bound ``max(e∞, e1 d^{-1/q})`` for the union;
-- :func:`union_radius`: the exact value for the union B1 ∪ B∞ (seed 000, Prop. 3.1);
-- :func:`hull_radius`: the exact value for the convex hull conv(B1 ∪ B∞) (seed 000, Thm. 3.1);
+- :func:`union_radius`: the exact value for the union B1 ∪ B∞ (Croce & Hein, ICLR 2020, Prop. 3.1);
+- :func:`hull_radius`: the exact value for the convex hull conv(B1 ∪ B∞) (Croce & Hein, ICLR 2020, Thm. 3.1);
 - :func:`universal_radius`: the Thm. 4.1 certificate, the hull value of the l1 and l∞ certified
   radii of a point.
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the linear-region geometry (MATH.md §1-2).
+"""Pure-PyTorch reference of the linear-region geometry (docs/MATH.md §1-2).
 
 Pushes the identity matrix through the masked linear parts of the network (the authors'
 algorithm): simple and exact, but it materialises V(l) for every sample and is therefore slow and

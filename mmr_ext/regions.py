@@ -1,4 +1,4 @@
-"""Geometry of a linear region given an explicit activation pattern (MATH.md §1, §8).
+"""Geometry of a linear region given an explicit activation pattern (docs/MATH.md §1, §8).
 
 A ReLU network is affine on every set of inputs that share an activation pattern. For a pattern P
 (per hidden layer, which units are active) the *region* of P is

@@ -1,4 +1,4 @@
-"""Hyperparameter schedules of the MMR papers (MATH.md §6).
+"""Hyperparameter schedules of the MMR papers (docs/MATH.md §6).
 
 Over a run of ``E`` epochs the papers use
 

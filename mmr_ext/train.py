@@ -4,14 +4,15 @@ Use :func:`train` with a :class:`TrainConfig` (``mmr-ext train`` builds one from
 
 Modes
     ``plain``      cross-entropy.
-    ``mmr``        MMR-lp of seed 004: CE + λ kMMR-lp, p in {1, 2, inf}, k_D = K (all classes).
-    ``universal``  MMR-Universal of seed 000: CE + MMR-Universal (l1 and l∞ terms).
+    ``mmr``        MMR-lp of the MMR paper (Croce, Andriushchenko & Hein, AISTATS 2019): CE + λ kMMR-lp, p in {1, 2, inf}, k_D = K (all classes).
+    ``universal``  MMR-Universal (Croce & Hein, ICLR 2020): CE + MMR-Universal (l1 and l∞ terms).
     ``at``         PGD adversarial training in l1, l2, l∞ (``at_norm``), or ``max``: per sample the
                    strongest of the three PGD examples (Tramèr & Boneh 2019, the AT-(l1, l2, l∞) of
-                   seed 000). A single norm trains on 50% clean / 50% adversarial points (seed 004),
-                   ``max`` on adversarial points only (seed 000); see ``at_clean_fraction``.
+                   the MMR-Universal paper). A single norm trains on 50% clean / 50% adversarial points
+                   (MMR paper),
+                   ``max`` on adversarial points only (Croce & Hein, ICLR 2020); see ``at_clean_fraction``.
     ``mmr+at``     MMR-lp objective evaluated on the AT batch (clean + adversarial points);
-                   ``at_norm`` defaults to p (seed 000 App. C.5 also mixes p != q).
+                   ``at_norm`` defaults to p (Croce & Hein, ICLR 2020, App. C.5 also mixes p != q).
 
 Schedules (:mod:`mmr_ext.schedules`): k_B decreases linearly 20% → 5% of the hidden units
 (universal) or 10% → 2% (mmr), λ warms up linearly from λ/10 to λ over the first 10% of the epochs
@@ -75,11 +76,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 _MNIST = dict(eps=(1.0, 0.3, 0.1), lam=(3.0, 12.0), gamma=(1.0, 0.15), lr=5e-4, at_steps=40,
               l1_sparsity=0.99, augment=False)
-#: Per-dataset defaults from the papers. ``eps``: target (ε1, ε2, ε∞) of seed 000 Table 1.
-#: ``lam``: (λ1, λ∞) of seed 000 App. C.3. ``gamma``: (γ1, γ∞); the authors' MNIST example is
+#: Per-dataset defaults from the papers. ``eps``: target (ε1, ε2, ε∞) of the MMR-Universal paper, Table 1.
+#: ``lam``: (λ1, λ∞) of the MMR-Universal paper, App. C.3. ``gamma``: (γ1, γ∞); the authors' MNIST example is
 #: (1.0, 0.15) and γp should lie between 1 and 2 times εp, so the others use (ε1, 1.5 ε∞).
 #: ``lr``: Adam learning rate. ``at_steps``: PGD steps in training (40 MNIST/F-MNIST, 10 GTS/CIFAR).
-#: ``l1_sparsity``: quantile of the l1 PGD step (1% / 10% of coordinates move, seed 000 App. C.3).
+#: ``l1_sparsity``: quantile of the l1 PGD step (1% / 10% of coordinates move, the MMR-Universal paper, App. C.3).
 #: ``augment``: random crops and mirroring (CIFAR-10 only).
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "mnist5k": dict(_MNIST),
@@ -330,7 +331,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         c.lr = ds["lr"]
         if mmr_like and info.name not in ("mnist5k", "mnist", "fmnist"):
             c.lr = 1e-3
-        elif mmr_like:  # seed 004: 1e-3, but l2 on MNIST/F-MNIST: 1e-4 (MMR), 5e-5 (MMR+AT)
+        elif mmr_like:  # MMR paper: 1e-3, but l2 on MNIST/F-MNIST: 1e-4 (MMR), 5e-5 (MMR+AT)
             c.lr = (1e-4 if c.mode == "mmr" else 5e-5) if c.p == "2" else 1e-3
     c.lr = parse_number(c.lr, "lr")
     if c.lr <= 0:
@@ -559,12 +560,12 @@ def clean_error(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
 
 def certified_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                     eps: Sequence[float], batch_size: int = 256) -> Dict[str, Any]:
-    """Region certificates (:func:`mmr_ext.certify`, MATH.md §3, §5) of the given points.
+    """Region certificates (:func:`mmr_ext.certify`, docs/MATH.md §3, §5) of the given points.
 
     Returns the fractions of the points that are certified at the target (ε1, ε2, ε∞), i.e.
     correctly classified with radius > εp: ``cert_l1``, ``cert_l2``, ``cert_linf`` and
     ``cert_union`` (all three at once); ``cert_universal_l2`` and ``cert_union_universal``, the
-    same from the l1 and l∞ certificates alone via Thm 4.1 (seed 000); the median radii
+    same from the l1 and l∞ certificates alone via Thm 4.1 (Croce & Hein, ICLR 2020); the median radii
     ``median_radius_l1/l2/linf`` (0 for misclassified points) and ``radii`` (the per-point
     radii as float64 tensors).
     """
@@ -648,7 +649,7 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
         series(axes[1], f"train_{key}", key.replace("_", " "))
     axes[1].set_title("training loss terms (epoch means)")
     names = {"1": "l1", "2": "l2", "inf": "l∞"}
-    colors = {"1": "black", "2": "tab:cyan", "inf": "tab:blue"}  # as in seed 000, Fig. 3
+    colors = {"1": "black", "2": "tab:cyan", "inf": "tab:blue"}  # as in the MMR-Universal paper, Fig. 3
     for n, e in zip(NORMS, eps):
         series(axes[2], f"cert_l{n}", f"{names[n]}, ε={e:.4g}", color=colors[n])
     series(axes[2], "cert_union", "union", color="green", linewidth=2)

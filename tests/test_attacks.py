@@ -97,7 +97,7 @@ def test_min_norm_attack_finds_minimal_example(p, spread):
 
 
 def test_min_norm_attack_interior_matches_unconstrained_closed_form():
-    """Away from the box faces the answer is g / ||w||_q (MATH.md §2)."""
+    """Away from the box faces the answer is g / ||w||_q (docs/MATH.md §2)."""
     model, x, y, _ = linear_case(10, seed=5, spread=0.05)
     W = model[0].weight.detach()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests of mmr_ext.box (MATH.md §7): box-constrained lp-distances to hyperplanes against an exact
+"""Tests of mmr_ext.box (docs/MATH.md §7): box-constrained lp-distances to hyperplanes against an exact
 active-set enumeration, scipy's LP solver (p = 1, inf) and SLSQP (p = 2, 3), the early-stopping
 minimum against brute force, degenerate geometry, dtypes and errors."""
 import itertools

@@ -1,4 +1,4 @@
-"""Tests of mmr_ext.certify and mmr_ext.regions (MATH.md §3, §5, §7, §8).
+"""Tests of mmr_ext.certify and mmr_ext.regions (docs/MATH.md §3, §5, §7, §8).
 
 Independent oracles: the exact minimal adversarial l1 / l∞ norm of tiny ReLU nets from a big-M
 MILP solved by scipy.optimize.milp (bounds by interval arithmetic, with and without the [0, 1]

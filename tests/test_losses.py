@@ -1,4 +1,4 @@
-"""MMR / MMR-Universal losses against hand-written formulas (MATH.md §6)."""
+"""MMR / MMR-Universal losses against hand-written formulas (docs/MATH.md §6)."""
 import math
 
 import pytest

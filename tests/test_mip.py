@@ -133,7 +133,7 @@ def test_errors():
 @pytest.mark.parametrize("p", [1, INF])
 def test_linear_model_matches_box_distance(p):
     """Without hidden layers the verdict is 'robust iff the box-constrained distance to every
-    decision hyperplane exceeds eps' (mmr_ext.box_distance, MATH.md §7)."""
+    decision hyperplane exceeds eps' (mmr_ext.box_distance, docs/MATH.md §7)."""
     from mmr_ext import box_distance
 
     torch.manual_seed(6)

@@ -1,4 +1,4 @@
-"""Tests of mmr_ext.radii (MATH.md §4, §5): the closed forms against independent numerical
+"""Tests of mmr_ext.radii (docs/MATH.md §4, §5): the closed forms against independent numerical
 optimisation, the paper's numbers, limits in p, degenerate radii, broadcasting and errors."""
 import math
 
@@ -29,7 +29,7 @@ def hull_ratio(U, e1, e_inf, p):
 
 
 def hull_numeric(e1, e_inf, p, d):
-    """min over v != 0 of max(e1 ||v||_∞, e∞ ||v||_1) / ||v||_q (MATH.md §4).
+    """min over v != 0 of max(e1 ||v||_∞, e∞ ||v||_1) / ||v||_q (docs/MATH.md §4).
 
     By symmetry (signs, permutations, scale) v = (1, u) with u in [0, 1]^{d-1}: a dense grid,
     then Nelder-Mead from the five best grid points. Every value is attained by some v, so the
@@ -105,7 +105,7 @@ def test_union_brute_force_d2():
 
 
 def test_paper_formulas_written_out():
-    # Prop 3.1 and Thm 3.1 as printed in MATH.md, in the proper case e∞ < e1 < d e∞
+    # Prop 3.1 and Thm 3.1 as printed in docs/MATH.md, in the proper case e∞ < e1 < d e∞
     rng = np.random.default_rng(1)
     for _ in range(200):
         d = int(rng.integers(2, 4000))

@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference geometry against independent constructions (MATH.md §1-3)."""
+"""The pure-PyTorch reference geometry against independent constructions (docs/MATH.md §1-3)."""
 import math
 
 import pytest
@@ -105,7 +105,7 @@ def _points_near_decision_boundary(model, x):
 
 @pytest.mark.parametrize("p", NORMS)
 def test_projection_onto_closest_decision_hyperplane_flips_exactly_at_dD(p):
-    """MATH.md §3: when dD < dB, x + (1-1e-6) dD keeps the class and x + (1+1e-6) dD flips it."""
+    """docs/MATH.md §3: when dD < dB, x + (1-1e-6) dD keeps the class and x + (1+1e-6) dD flips it."""
     checked = 0
     for seed in range(6):
         model, x = make_model("fc", seed=seed)
