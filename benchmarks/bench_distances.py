@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 
 import mmr_ext  # noqa: E402
-from mmr_ext.models import build_model  # noqa: E402
+from mmr_ext.nn.zoo import build_model  # noqa: E402
 
 KW = dict(k_boundary=0.2, gamma=(1.0, 0.15), lam=(3.0, 12.0))
 
@@ -39,7 +39,7 @@ def _distances_native(model, x, y):
 
 
 def _distances_reference(model, x, y):
-    chain = mmr_ext.chain.parse_model(model)
+    chain = mmr_ext.nn.chain.parse_model(model)
     with torch.no_grad():
         return mmr_ext.reference.reference_geometry(chain, x, (math.inf, 1.0), y)
 

@@ -11,7 +11,7 @@ from .box import box_distance, box_min_distance
 from .certificates import Certificate, certify
 from .evaluation import EvaluationResult, evaluate
 from .geometry import region_distances
-from .layers import Normalize
+from .nn.layers import Normalize
 from .mip import MIPResult, verify_mip
 from .losses import MMRLoss, UniversalLoss, mmr_loss, mmr_regularizer, mmr_universal, universal_loss
 from .radii import hull_radius, naive_radius, union_radius, universal_radius

@@ -23,86 +23,25 @@ from __future__ import annotations
 import contextlib
 import math
 from numbers import Real
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_batch
+from .checks import check_batch, check_box, check_eps, check_in_box, check_y, parse_eps_dict, positive_int
+from .math.norms import parse_norm
 
 __all__ = ["pgd", "pgd_max", "min_norm_attack", "verify_adversarial", "project", "distance",
            "lp_norm", "parse_norm", "margins"]
 
 Eps = Union[float, torch.Tensor]
-_NORM_NAMES = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": math.inf, "linf": math.inf,
-               "l_inf": math.inf, "infinity": math.inf, "∞": math.inf, "l∞": math.inf}
+
 
 
 # ---------------------------------------------------------------------------------------------
 # validation and small helpers
 # ---------------------------------------------------------------------------------------------
-
-def parse_norm(norm, name: str = "norm") -> float:
-    """Returns 1.0, 2.0 or inf for ``norm`` given as 1, 2, inf or 'l1', 'l2', 'linf', 'inf'."""
-    if isinstance(norm, str):
-        key = norm.strip().lower()
-        if key in _NORM_NAMES:
-            return _NORM_NAMES[key]
-    elif isinstance(norm, Real) and not isinstance(norm, bool):
-        value = float(norm)
-        if value in (1.0, 2.0, math.inf):
-            return value
-    raise ValueError(f"{name} must be 1, 2 or inf (or 'l1', 'l2', 'linf'), got {norm!r}")
-
-
-def _check_box(lo, hi) -> Tuple[float, float]:
-    for name, v in (("lo", lo), ("hi", hi)):
-        if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(float(v)):
-            raise ValueError(f"{name} must be a real number, got {v!r}")
-    lo, hi = float(lo), float(hi)
-    if not lo < hi:
-        raise ValueError(f"the box needs lo < hi, got lo={lo}, hi={hi}")
-    return lo, hi
-
-
-def _check_in_box(x: torch.Tensor, lo: float, hi: float, name: str = "x") -> None:
-    if (x < lo).any() or (x > hi).any():
-        raise ValueError(f"{name} must lie in the box [lo, hi] = [{lo}, {hi}], got values in "
-                         f"[{x.min().item():.6g}, {x.max().item():.6g}]")
-
-
-def _check_y(y, x: torch.Tensor, name: str = "y") -> None:
-    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class indices")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
-
-
-def _check_eps(eps, x: torch.Tensor, name: str = "eps") -> torch.Tensor:
-    """eps as a float64 [B] tensor of finite values >= 0."""
-    if isinstance(eps, torch.Tensor):
-        e = eps.detach().to(device=x.device, dtype=torch.float64)
-        if e.dim() == 0:
-            e = e.expand(x.shape[0])
-        if e.shape != (x.shape[0],):
-            raise ValueError(f"{name} must be a number or a [B] tensor, got shape {tuple(e.shape)}")
-    elif isinstance(eps, Real) and not isinstance(eps, bool):
-        e = torch.full((x.shape[0],), float(eps), dtype=torch.float64, device=x.device)
-    else:
-        raise TypeError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
-    if not torch.isfinite(e).all() or (e < 0).any():
-        raise ValueError(f"{name} must be finite and >= 0, got {eps!r}")
-    return e
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    return v
-
 
 def lp_norm(v: torch.Tensor, p: float) -> torch.Tensor:
     """Per-sample lp-norm of a batch [B, ...] in float64."""
@@ -238,8 +177,8 @@ def project(x: torch.Tensor, z: torch.Tensor, *, norm, eps: Eps, lo: float = 0.0
     ball exactly. x must lie in the box; eps is a number or a [B] tensor.
     """
     p = parse_norm(norm)
-    lo, hi = _check_box(lo, hi)
-    e = _check_eps(eps, x)
+    lo, hi = check_box(lo, hi)
+    e = check_eps(eps, x)
     shape = x.shape
     x64 = x.detach().reshape(shape[0], -1).to(torch.float64)
     u = z.detach().reshape(shape[0], -1).to(torch.float64) - x64
@@ -351,11 +290,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps: Eps, s
     """
     p = parse_norm(norm)
     check_batch(x)
-    _check_y(y, x)
-    lo, hi = _check_box(lo, hi)
-    _check_in_box(x, lo, hi)
-    e = _check_eps(eps, x)
-    steps, restarts = _positive_int(steps, "steps"), _positive_int(restarts, "restarts")
+    check_y(y, x)
+    lo, hi = check_box(lo, hi)
+    check_in_box(x, lo, hi)
+    e = check_eps(eps, x)
+    steps, restarts = positive_int(steps, "steps"), positive_int(restarts, "restarts")
     if isinstance(l1_sparsity, bool) or not isinstance(l1_sparsity, Real) or not 0 <= l1_sparsity < 1:
         raise ValueError(f"l1_sparsity must be in [0, 1), got {l1_sparsity!r}")
     if step_size is None:
@@ -391,21 +330,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps: Eps, s
     return best
 
 
-def _parse_eps_dict(eps, name: str = "eps") -> Dict[float, float]:
-    if not isinstance(eps, dict) or not eps:
-        raise TypeError(f"{name} must be a non-empty dict {{norm: radius}}, e.g. {{1: 1.0, 2: 0.3, "
-                        f"'inf': 0.1}}, got {eps!r}")
-    out: Dict[float, float] = {}
-    for k, v in eps.items():
-        p = parse_norm(k, f"{name} key")
-        if p in out:
-            raise ValueError(f"{name} names the norm {k!r} twice")
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) or v < 0:
-            raise ValueError(f"{name}[{k!r}] must be a finite number >= 0, got {v!r}")
-        out[p] = float(v)
-    return out
-
-
 def pgd_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict, steps: int = 10,
             restarts: int = 1, lo: float = 0.0, hi: float = 1.0, l1_sparsity: float = 0.95,
             generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -414,7 +338,7 @@ def pgd_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict, st
     ``eps`` maps norms (1, 2, inf or 'l1', 'l2', 'linf') to radii; only those norms are attacked.
     ``l1_sparsity`` is passed to the l1 attack (see :func:`pgd`).
     """
-    radii = _parse_eps_dict(eps)
+    radii = parse_eps_dict(eps)
     best, best_loss = None, None
     for p, r in radii.items():
         cand = pgd(model, x, y, norm=p, eps=r, steps=steps, restarts=restarts, lo=lo, hi=hi,
@@ -464,10 +388,10 @@ def min_norm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm,
     """
     p = parse_norm(norm)
     check_batch(x)
-    _check_y(y, x)
-    lo, hi = _check_box(lo, hi)
-    _check_in_box(x, lo, hi)
-    steps = _positive_int(steps, "steps")
+    check_y(y, x)
+    lo, hi = check_box(lo, hi)
+    check_in_box(x, lo, hi)
+    steps = positive_int(steps, "steps")
     if isinstance(line_search, bool) or not isinstance(line_search, int) or line_search < 0:
         raise ValueError(f"line_search must be an integer >= 0, got {line_search!r}")
     for name, v in (("alpha", alpha), ("gamma", gamma)):
@@ -555,11 +479,11 @@ def verify_adversarial(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y
     p = parse_norm(norm)
     check_batch(x)
     check_batch(x_adv, "x_adv")
-    _check_y(y, x)
+    check_y(y, x)
     if x_adv.shape != x.shape:
         raise ValueError(f"x_adv must have the shape of x {tuple(x.shape)}, got {tuple(x_adv.shape)}")
-    lo, hi = _check_box(lo, hi)
-    e = _check_eps(eps, x)
+    lo, hi = check_box(lo, hi)
+    e = check_eps(eps, x)
     if isinstance(tol, bool) or not isinstance(tol, Real) or not 0 <= tol < 1:
         raise ValueError(f"tol must be in [0, 1), got {tol!r}")
     a = x_adv.detach().reshape(x.shape[0], -1).to(torch.float64)

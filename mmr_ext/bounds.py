@@ -1,6 +1,6 @@
 """Linear bound propagation (CROWN / Wong–Kolter back-substitution) over lp-balls ∩ box.
 
-For a network parsed by :func:`mmr_ext.chain.parse_model` (affine blocks, ReLU or LeakyReLU with
+For a network parsed by :func:`mmr_ext.nn.chain.parse_model` (affine blocks, ReLU or LeakyReLU with
 slope s in [0, 1]) and the input set
 
     S = {z : ||z - x||_p <= eps, lo <= z <= hi},   p in {1, 2, inf},
@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_batch
-from .attacks import _check_box, _check_eps, _check_in_box, _check_y, parse_norm
-from .chain import AffineBlock, batchnorm_scale_shift, linear_part, parse_model
-from .layers import Normalize
+from .checks import check_batch, check_box, check_eps, check_in_box, check_y
+from .math.norms import parse_norm
+from .nn.chain import AffineBlock, batchnorm_scale_shift, linear_part, parse_model
+from .nn.layers import Normalize
 
 __all__ = ["BoundedNetwork", "layer_bounds", "margin_bounds", "certified_by_bounds", "support_min"]
 
@@ -399,7 +399,7 @@ def _ball_rows_norm(net: BoundedNetwork, q: float) -> torch.Tensor:
     return cache[q]
 
 
-def _hidden_bounds(net: BoundedNetwork, x: torch.Tensor, p: float, eps: torch.Tensor, lo: float,
+def hidden_bounds(net: BoundedNetwork, x: torch.Tensor, p: float, eps: torch.Tensor, lo: float,
                    hi: float) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     B, d = x.shape
     bounds: List[Tuple[torch.Tensor, torch.Tensor]] = []
@@ -449,10 +449,10 @@ def _prepare(model, x, y, norm, eps, lo, hi):
     p = parse_norm(norm)
     check_batch(x)
     if y is not None:
-        _check_y(y, x)
-    lo, hi = _check_box(lo, hi)
-    _check_in_box(x, lo, hi)
-    e = _check_eps(eps, x)
+        check_y(y, x)
+    lo, hi = check_box(lo, hi)
+    check_in_box(x, lo, hi)
+    e = check_eps(eps, x)
     net = BoundedNetwork(model, x)
     x64 = x.detach().reshape(x.shape[0], -1).to(device=net.device, dtype=torch.float64)
     return net, x64, p, e, lo, hi
@@ -465,7 +465,7 @@ def layer_bounds(model: nn.Module, x: torch.Tensor, *, norm, eps, lo: float = 0.
     {z : ||z - x||_p <= eps, lo <= z <= hi}, one pair per hidden layer, units in the layer's
     flattening order."""
     net, x64, p, e, lo, hi = _prepare(model, x, None, norm, eps, lo, hi)
-    return _hidden_bounds(net, x64, p, e, lo, hi)
+    return hidden_bounds(net, x64, p, e, lo, hi)
 
 
 def _spec(y: torch.Tensor, K: int) -> torch.Tensor:
@@ -474,7 +474,7 @@ def _spec(y: torch.Tensor, K: int) -> torch.Tensor:
     return eye[y][:, None, :] - eye[None]
 
 
-def _margin_bounds(net: BoundedNetwork, x64, y, p, e, lo, hi, bounds, alpha_steps: int,
+def network_margin_bounds(net: BoundedNetwork, x64, y, p, e, lo, hi, bounds, alpha_steps: int,
                    alpha_lr: float) -> torch.Tensor:
     L = net.num_hidden
     lam = _spec(y, net.num_classes)
@@ -531,8 +531,8 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, e
     out = []
     for start in range(0, x64.shape[0], batch_size):
         sl = slice(start, start + batch_size)
-        bounds = _hidden_bounds(net, x64[sl], p, e[sl], lo, hi)
-        out.append(_margin_bounds(net, x64[sl], y[sl], p, e[sl], lo, hi, bounds, alpha_steps,
+        bounds = hidden_bounds(net, x64[sl], p, e[sl], lo, hi)
+        out.append(network_margin_bounds(net, x64[sl], y[sl], p, e[sl], lo, hi, bounds, alpha_steps,
                                   float(alpha_lr)))
     return torch.cat(out, 0)
 

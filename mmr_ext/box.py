@@ -37,7 +37,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .checks import check_chunk_size, dual_exponent
+from .checks import check_chunk_size
+from .math.norms import dual_exponent
 from .radii import round_down
 
 __all__ = ["box_distance", "box_min_distance"]

@@ -76,8 +76,9 @@ import torch
 from torch import nn
 
 from .box import box_distance, box_min_distance
-from .chain import parse_model
-from .checks import check_input, check_labels, dual_exponent
+from .nn.chain import parse_model
+from .checks import check_input, check_labels
+from .math.norms import dual_exponent
 from .geometry import compute_geometry
 from .radii import round_down, universal_radius
 from .reference import row_norms, safe_distance
@@ -218,7 +219,7 @@ def _check_neighbors(neighbors) -> int:
     return int(neighbors)
 
 
-def _check_box(box, x64: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def check_box(box, x64: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if box is None:
         return None
     if not isinstance(box, (tuple, list)) or len(box) != 2:
@@ -606,7 +607,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     K = model64(x64[:1]).shape[1]
     check_labels(y, B, K, x.device, name="y")
     y = y.long()
-    box = _check_box(box, x64)
+    box = check_box(box, x64)
 
     from tqdm.auto import tqdm
 

@@ -4,7 +4,7 @@ A checkpoint is a dict saved with ``torch.save`` and read back with ``weights_on
 code runs on load). Keys:
 
     format, version      ``"mmr_ext.checkpoint"`` and :data:`VERSION`
-    model_name           architecture name for :func:`mmr_ext.models.build_model`
+    model_name           architecture name for :func:`mmr_ext.nn.zoo.build_model`
     in_shape, num_classes
     model_state          ``state_dict`` of the model
     dtype                parameter dtype, ``"float32"`` or ``"float64"``
@@ -111,7 +111,7 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
 
 def build_from_checkpoint(ckpt: Dict[str, Any], path: PathLike = "<checkpoint>") -> nn.Module:
     """Rebuild the model described by a loaded checkpoint and load its weights (strict)."""
-    from .models import build_model
+    from .nn.zoo import build_model
 
     try:
         model = build_model(ckpt["model_name"], tuple(ckpt["in_shape"]), int(ckpt["num_classes"]))

@@ -3,24 +3,12 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-
-def dual_exponent(p) -> float:
-    """Validates the norm exponent p >= 1 (inf allowed) and returns its dual q (1/p + 1/q = 1)."""
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"p must be a real number >= 1 or float('inf'), got {p!r}")
-    p = float(p)
-    if math.isnan(p) or p < 1:
-        raise ValueError(f"p must be >= 1 (or float('inf')), got {p}")
-    if p == 1:
-        return math.inf
-    if math.isinf(p):
-        return 1.0
-    return p / (p - 1.0)
+from .math.norms import parse_norm
 
 
 def check_batch(x: torch.Tensor, name: str = "x", finite: bool = True) -> None:
@@ -82,3 +70,66 @@ def check_labels(labels: Optional[torch.Tensor], batch: int, num_classes: int, d
     if batch and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
                          f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def check_box(lo, hi) -> Tuple[float, float]:
+    for name, v in (("lo", lo), ("hi", hi)):
+        if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(float(v)):
+            raise ValueError(f"{name} must be a real number, got {v!r}")
+    lo, hi = float(lo), float(hi)
+    if not lo < hi:
+        raise ValueError(f"the box needs lo < hi, got lo={lo}, hi={hi}")
+    return lo, hi
+
+
+def check_in_box(x: torch.Tensor, lo: float, hi: float, name: str = "x") -> None:
+    if (x < lo).any() or (x > hi).any():
+        raise ValueError(f"{name} must lie in the box [lo, hi] = [{lo}, {hi}], got values in "
+                         f"[{x.min().item():.6g}, {x.max().item():.6g}]")
+
+
+def check_y(y, x: torch.Tensor, name: str = "y") -> None:
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"{name} is on {y.device} but x is on {x.device}")
+
+
+def check_eps(eps, x: torch.Tensor, name: str = "eps") -> torch.Tensor:
+    """eps as a float64 [B] tensor of finite values >= 0."""
+    if isinstance(eps, torch.Tensor):
+        e = eps.detach().to(device=x.device, dtype=torch.float64)
+        if e.dim() == 0:
+            e = e.expand(x.shape[0])
+        if e.shape != (x.shape[0],):
+            raise ValueError(f"{name} must be a number or a [B] tensor, got shape {tuple(e.shape)}")
+    elif isinstance(eps, Real) and not isinstance(eps, bool):
+        e = torch.full((x.shape[0],), float(eps), dtype=torch.float64, device=x.device)
+    else:
+        raise TypeError(f"{name} must be a number or a tensor, got {type(eps).__name__}")
+    if not torch.isfinite(e).all() or (e < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {eps!r}")
+    return e
+
+
+def positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def parse_eps_dict(eps, name: str = "eps") -> Dict[float, float]:
+    if not isinstance(eps, dict) or not eps:
+        raise TypeError(f"{name} must be a non-empty dict {{norm: radius}}, e.g. {{1: 1.0, 2: 0.3, "
+                        f"'inf': 0.1}}, got {eps!r}")
+    out: Dict[float, float] = {}
+    for k, v in eps.items():
+        p = parse_norm(k, f"{name} key")
+        if p in out:
+            raise ValueError(f"{name} names the norm {k!r} twice")
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) or v < 0:
+            raise ValueError(f"{name}[{k!r}] must be a finite number >= 0, got {v!r}")
+        out[p] = float(v)
+    return out

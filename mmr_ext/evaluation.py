@@ -37,9 +37,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .checks import check_batch
-from .attacks import (_check_box, _check_in_box, _check_y, _parse_eps_dict, margins,
-                      min_norm_attack, parse_norm, pgd, verify_adversarial)
+from .attacks import margins, min_norm_attack, pgd, verify_adversarial
+from .checks import check_batch, check_box, check_in_box, check_y, parse_eps_dict
+from .math.norms import norm_name, parse_norm
 
 __all__ = ["EvaluationResult", "evaluate", "add_arguments", "run", "PAPER_EPS", "norm_name"]
 
@@ -55,11 +55,6 @@ PAPER_EPS: Dict[str, Dict[float, float]] = {
 _ATTACKS = ("pgd", "fmn")
 _VERIFY_TOL = 1e-9  # our attacks place examples in the ball exactly; this only absorbs float64 noise
 AttackFn = Callable[..., torch.Tensor]
-
-
-def norm_name(p: float) -> str:
-    """'l1', 'l2', 'linf' (or 'l<p>')."""
-    return "linf" if math.isinf(p) else f"l{p:g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +314,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     Raises:
         RuntimeError: a point was both attacked successfully and certified (a bug somewhere).
     """
-    radii = _parse_eps_dict(eps)
+    radii = parse_eps_dict(eps)
     check_batch(x)
-    _check_y(y, x)
+    check_y(y, x)
     if not isinstance(box, (tuple, list)) or len(box) != 2:
         raise ValueError(f"box must be a pair (lo, hi), got {box!r}")
-    lo, hi = _check_box(*box)
-    _check_in_box(x, lo, hi)
+    lo, hi = check_box(*box)
+    check_in_box(x, lo, hi)
     attack_list = _check_attacks(attacks)
     attack_steps = _int_arg(attack_steps, "attack_steps", 1)
     attack_restarts = _int_arg(attack_restarts, "attack_restarts", 1)
@@ -343,7 +338,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     from tqdm.auto import tqdm
 
     from .bounds import certified_by_bounds
-    from .chain import parse_model
+    from .nn.chain import parse_model
     from .checks import check_input
 
     parse_model(model)  # clear errors for unsupported models before any work

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
-from .checks import check_chunk_size, check_input, check_labels, dual_exponent
-from .layers import Normalize
+from .nn.chain import AffineBlock, Chain, activation_mask, batchnorm_scale_shift, parse_model
+from .checks import check_chunk_size, check_input, check_labels
+from .math.norms import dual_exponent
+from .nn.layers import Normalize
 from .native import native_or_warn
 from .reference import decision_geometry, reference_geometry
 
@@ -147,7 +148,7 @@ class ReverseRows:
         autograd. When the walk ends with a conv on the input, that step runs fused with the dual
         norms and the conv's activation mask (:func:`ops.conv_transpose_row_distances`): the masked
         maps and the input-space rows are never stored."""
-        from .ops import conv_transpose_row_distances, row_distances
+        from .native import conv_transpose_row_distances, row_distances
 
         W, weights = self._unpack(tensors)
         fused = _fusable_first_conv(self.trace, weights)
@@ -385,7 +386,7 @@ class MaskedKernelRows:
                      tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Distances [Q, len(samples), O*L] to all rows of ``samples`` (f: their pre-activations),
         computed on the GEMM's position-major layout (no transposing copy of the rows)."""
-        from .ops import row_distances
+        from .native import row_distances
 
         G = self._G(*tensors)
         rows = self._position_major_rows(samples, G, self._inside(G))
@@ -573,7 +574,7 @@ def _fusable_first_conv(trace: list, weights: list) -> Optional[Tuple[int, torch
     """(index, weight) of the trace's first layer when it is a conv that the fused native step
     handles, after any per-channel input scalings (Normalize, BatchNorm2d), whose scales are folded
     into the returned conv weight; None otherwise."""
-    from .ops import conv_transpose_fits
+    from .native import conv_transpose_fits
 
     scale = None
     for at, (entry, weight) in enumerate(zip(trace, weights)):
@@ -706,7 +707,7 @@ def _fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: O
                    chunk_size: Optional[int] = None
                    ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once."""
-    from .ops import lazy_row_distances, row_distances
+    from .native import lazy_row_distances, row_distances
 
     B = x.shape[0]
     rep = _identity(x)

@@ -50,7 +50,7 @@ def _pair(v, name: str) -> Tuple:
 def topk_hinge_mean(dist: torch.Tensor, k: int, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (1/k) Σ_{i<=k} max(0, 1 - d^i/γ) over the k smallest entries (ties by index)."""
     if native_or_warn():
-        from .ops import topk_hinge
+        from .native import topk_hinge
         return topk_hinge(dist, k, gamma)
     order = torch.sort(dist.detach(), dim=1, stable=True).indices[:, :k]
     return torch.relu(1 - dist.gather(1, order) / gamma).mean(dim=1), order

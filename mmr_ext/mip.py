@@ -37,9 +37,10 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
-from .checks import check_batch
-from .attacks import _check_box, _check_eps, _check_in_box, _check_y, margins, parse_norm, project
-from .bounds import BoundedNetwork, _hidden_bounds, _margin_bounds
+from .attacks import margins, project
+from .checks import check_batch, check_box, check_eps, check_in_box, check_y
+from .math.norms import parse_norm
+from .bounds import BoundedNetwork, hidden_bounds, network_margin_bounds
 
 __all__ = ["MIPResult", "verify_mip"]
 
@@ -208,8 +209,8 @@ def _verify_point(net: BoundedNetwork, mats, x0: torch.Tensor, y: int, p: float,
         target = int(logits[0].scatter(0, yt, -math.inf).argmax())
         return MIPResult("falsified", x0[0].clone(), target, time.monotonic() - start,
                          "the clean point is misclassified")
-    bounds = _hidden_bounds(net, x64, p, e, lo, hi)
-    lb = _margin_bounds(net, x64, yt, p, e, lo, hi, bounds, 0, 0.1)[0]
+    bounds = hidden_bounds(net, x64, p, e, lo, hi)
+    lb = network_margin_bounds(net, x64, yt, p, e, lo, hi, bounds, 0, 0.1)[0]
     order = [int(s) for s in torch.argsort(lb) if int(s) != y and lb[s] <= 0]
     if not order:
         return MIPResult("verified", time=time.monotonic() - start,
@@ -296,10 +297,10 @@ def verify_mip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps,
     if p == 2:
         raise ValueError("norm=2 needs a quadratic constraint: verify_mip supports norm 1 and inf")
     check_batch(x)
-    _check_y(y, x)
-    lo, hi = _check_box(lo, hi)
-    _check_in_box(x, lo, hi)
-    e = _check_eps(eps, x)
+    check_y(y, x)
+    lo, hi = check_box(lo, hi)
+    check_in_box(x, lo, hi)
+    e = check_eps(eps, x)
     if isinstance(time_limit, bool) or not isinstance(time_limit, Real) or not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:

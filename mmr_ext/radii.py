@@ -27,7 +27,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .checks import dual_exponent
+from .math.norms import dual_exponent
 
 Radius = Union[float, torch.Tensor]
 

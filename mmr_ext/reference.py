@@ -12,8 +12,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .chain import Chain, activation_mask, parse_model
-from .checks import check_input, check_labels, dual_exponent
+from .nn.chain import Chain, activation_mask, parse_model
+from .checks import check_input, check_labels
+from .math.norms import dual_exponent
 
 
 def safe_distance(numerator: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .chain import Chain, parse_model
+from .nn.chain import Chain, parse_model
 from .checks import check_input, check_labels
 
 __all__ = ["Pattern", "RegionGeometry", "activation_pattern", "region_geometry", "flip_units",

@@ -62,7 +62,7 @@ from torch.utils.data import TensorDataset
 from .checkpoint import (CheckpointError, build_from_checkpoint, config_differences, describe_differences,
                          load_checkpoint, save_checkpoint)
 from .data import BatchLoader, dataset_info, load_dataset
-from .models import MODELS, build_model
+from .nn.zoo import MODELS, build_model
 from .schedules import SCHEDULE_UNITS, Schedule
 
 __all__ = ["TrainConfig", "ConfigError", "TrainResult", "train", "resolve_config", "format_summary",

@@ -9,7 +9,8 @@ import sys
 
 from torch import nn
 
-from mmr_ext import cli, models  # the installed package, not the source tree
+from mmr_ext import cli
+from mmr_ext.nn import zoo as models  # the installed package, not the source tree
 
 
 def tiny(in_shape, num_classes, *, normalize=None):

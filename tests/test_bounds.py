@@ -10,7 +10,7 @@ from scipy.optimize import Bounds, LinearConstraint, linprog, milp, minimize
 from torch import nn
 
 from mmr_ext.bounds import BoundedNetwork, certified_by_bounds, layer_bounds, margin_bounds, support_min
-from conftest import make_model, preactivations
+from oracles import make_model, preactivations
 
 INF = math.inf
 NORMS = [1, 2, INF]

@@ -19,7 +19,7 @@ import mmr_ext.certificates as certify_module
 from mmr_ext.certificates import Certificate, certify
 from mmr_ext.regions import activation_pattern, flip_units, region_geometry, unit_location
 
-from conftest import make_model
+from oracles import make_model
 
 INF = math.inf
 DISP = False  # print HiGHS logs of the MILP oracle

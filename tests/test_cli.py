@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from mmr_ext import cli, models
+from mmr_ext import cli
+from mmr_ext.nn import zoo as models
 
 from ddp_worker import tiny
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext.chain import parse_model
+from mmr_ext.nn.chain import parse_model
 
 APIS = [mmr_ext.region_distances, mmr_ext.region_distances_reference]
 

@@ -163,7 +163,7 @@ def _parse(argv):
 
 def test_run_from_checkpoint(tmp_path, capsys):
     from mmr_ext.checkpoint import save_checkpoint
-    from mmr_ext.models import build_model
+    from mmr_ext.nn.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("fc1", (1, 28, 28), 10)

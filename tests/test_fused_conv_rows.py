@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import mmr_ext
-from mmr_ext import geometry, ops
+from mmr_ext import geometry
+from mmr_ext.native import ops
 from mmr_ext.native import available
-from conftest import assert_distances_close, make_model
+from oracles import assert_distances_close, make_model
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")
 
@@ -92,7 +93,7 @@ def test_reverse_rows_use_the_fused_step(monkeypatch):
         calls.append(args[3].shape)
         return original(*args)
 
-    monkeypatch.setattr(ops, "conv_transpose_row_distances", spy)
+    monkeypatch.setattr(mmr_ext.native, "conv_transpose_row_distances", spy)
     model, x = make_model("cnn")
     b, d = mmr_ext.region_distances(model, x, 1)
     rb, rd = mmr_ext.region_distances_reference(model, x, 1)

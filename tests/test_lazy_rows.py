@@ -11,7 +11,7 @@ from torch import nn
 import mmr_ext
 from mmr_ext import geometry
 from mmr_ext.native import available
-from conftest import (NORMS, assert_distances_close, distances_and_grads, gradcheck_distances, make_model,
+from oracles import (NORMS, assert_distances_close, distances_and_grads, gradcheck_distances, make_model,
                       randomize_batchnorm)
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")

@@ -8,7 +8,7 @@ from torch import nn
 
 import mmr_ext
 from mmr_ext import losses
-from conftest import make_model
+from oracles import make_model
 
 
 def _hinge_mean_smallest(d, k, gamma):

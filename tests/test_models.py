@@ -1,10 +1,10 @@
-"""Tests of mmr_ext.models: shapes, layer sizes and parameter counts of the paper architectures."""
+"""Tests of mmr_ext.nn.zoo: shapes, layer sizes and parameter counts of the paper architectures."""
 import pytest
 import torch
 from torch import nn
 
-from mmr_ext.layers import Normalize
-from mmr_ext.models import MODELS, build_model, cnn, fc1, fc10, large
+from mmr_ext.nn.layers import Normalize
+from mmr_ext.nn.zoo import MODELS, build_model, cnn, fc1, fc10, large
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext import ops
+from mmr_ext.native import ops
 from mmr_ext.native import available
-from conftest import (MODELS, NORMS, assert_distances_close, distances_and_grads, dual_norm,
+from oracles import (MODELS, NORMS, assert_distances_close, distances_and_grads, dual_norm,
                       gradcheck_distances, make_model)
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext.chain import parse_model
-from conftest import MODELS, NORMS, assert_distances_close, jacobian_distances, make_model, preactivations
+from mmr_ext.nn.chain import parse_model
+from oracles import MODELS, NORMS, assert_distances_close, jacobian_distances, make_model, preactivations
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmr_ext import checkpoint as ckpt_mod
-from mmr_ext import models
+from mmr_ext.nn import zoo as models
 from mmr_ext.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mmr_ext.schedules import Schedule
 from mmr_ext.train import ConfigError, TrainConfig, format_summary, resolve_config, train

@@ -4,7 +4,7 @@ from __future__ import annotations
 import warnings
 
 try:
-    from . import _C  # noqa: F401
+    from .. import _C  # noqa: F401
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
     _C = None
     _IMPORT_ERROR = error
@@ -30,3 +30,7 @@ def native_or_warn() -> bool:
                       "`pip install --no-build-isolation .`", RuntimeWarning, stacklevel=3)
         _warned = True
     return False
+
+
+from .ops import (conv_transpose_fits, conv_transpose_row_distances, lazy_row_distances,  # noqa: E402
+                  row_distances, topk_hinge)

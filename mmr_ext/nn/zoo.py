@@ -8,7 +8,7 @@
   fc K.
 
 Every builder takes the input shape (C, H, W) and the number of classes K, and optionally
-``normalize=(mean, std)`` to prepend a :class:`mmr_ext.layers.Normalize` layer (per-channel
+``normalize=(mean, std)`` to prepend a :class:`mmr_ext.nn.layers.Normalize` layer (per-channel
 constants or scalars), so the network still takes images in [0, 1].
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .native import _C
+from . import _C
 
 
 class _RowDistances(torch.autograd.Function):

@@ -1,0 +1,1 @@
+"""Pure tensor functions behind the geometry, the losses and the certificates (docs/MATH.md)."""

@@ -1,0 +1,41 @@
+"""Norm names and exponents: parsing, printing and the dual exponent (docs/MATH.md §2)."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+
+def dual_exponent(p) -> float:
+    """Validates the norm exponent p >= 1 (inf allowed) and returns its dual q (1/p + 1/q = 1)."""
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"p must be a real number >= 1 or float('inf'), got {p!r}")
+    p = float(p)
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"p must be >= 1 (or float('inf')), got {p}")
+    if p == 1:
+        return math.inf
+    if math.isinf(p):
+        return 1.0
+    return p / (p - 1.0)
+
+
+NORM_NAMES = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": math.inf, "linf": math.inf,
+               "l_inf": math.inf, "infinity": math.inf, "∞": math.inf, "l∞": math.inf}
+
+
+def parse_norm(norm, name: str = "norm") -> float:
+    """Returns 1.0, 2.0 or inf for ``norm`` given as 1, 2, inf or 'l1', 'l2', 'linf', 'inf'."""
+    if isinstance(norm, str):
+        key = norm.strip().lower()
+        if key in NORM_NAMES:
+            return NORM_NAMES[key]
+    elif isinstance(norm, Real) and not isinstance(norm, bool):
+        value = float(norm)
+        if value in (1.0, 2.0, math.inf):
+            return value
+    raise ValueError(f"{name} must be 1, 2 or inf (or 'l1', 'l2', 'linf'), got {norm!r}")
+
+
+def norm_name(p: float) -> str:
+    """'l1', 'l2', 'linf' (or 'l<p>')."""
+    return "linf" if math.isinf(p) else f"l{p:g}"
