@@ -41,7 +41,7 @@ def _distances_native(model, x, y):
 def _distances_reference(model, x, y):
     chain = mmr_ext.nn.chain.parse_model(model)
     with torch.no_grad():
-        return mmr_ext.reference.reference_geometry(chain, x, (math.inf, 1.0), y)
+        return mmr_ext.geometry.reference.reference_geometry(chain, x, (math.inf, 1.0), y)
 
 
 def _loss_native(model, x, y):
@@ -50,7 +50,7 @@ def _loss_native(model, x, y):
 
 def _loss_reference(model, x, y):
     import unittest.mock as mock
-    with mock.patch.object(mmr_ext.geometry, "native_or_warn", lambda: False):
+    with mock.patch.object(mmr_ext.geometry.engine, "native_or_warn", lambda: False):
         mmr_ext.universal_loss(model, x, y, **KW).backward()
 
 
@@ -111,8 +111,7 @@ def peak_memory(fn, model, x, y) -> float:
 
 def _load_trained(path):
     """(model, name, in_shape, mnist5k training data) from a checkpoint of `mmr-ext train`."""
-    from mmr_ext.checkpoint import load_model
-    from mmr_ext.data import load_dataset
+    from mmr_ext.train import load_dataset, load_model
 
     model, ckpt = load_model(path)
     return model.float(), ckpt["model_name"], tuple(ckpt["in_shape"]), load_dataset("mnist5k", split="train")

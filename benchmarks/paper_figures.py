@@ -1,4 +1,4 @@
-"""Reproduces Table 1 and Figure 2 of Croce & Hein (ICLR 2020), from mmr_ext.radii.
+"""Reproduces Table 1 and Figure 2 of Croce & Hein (ICLR 2020), from mmr_ext.math (ball_radii, hull_radius).
 
 Table 1: the l2 radius implied by the convex hull of the l1 and l∞ balls (Thm 3.1, eq. 6) for each
 dataset's (e1, e∞), next to the e2 the paper evaluates at.
@@ -25,7 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mmr_ext.radii import hull_radius, naive_radius, union_radius  # noqa: E402
+from mmr_ext.math.ball_radii import naive_radius, union_radius  # noqa: E402
+from mmr_ext.math.hull_radius import hull_radius  # noqa: E402
 
 # dataset, input dimension, e1, e∞ (as written in the paper), e2 evaluated in the paper,
 # e2 by (6) printed in the paper's Table 1

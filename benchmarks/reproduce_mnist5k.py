@@ -28,10 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from mmr_ext.checkpoint import load_model  # noqa: E402
-from mmr_ext.data import load_dataset  # noqa: E402
-from mmr_ext.evaluation import PAPER_EPS, evaluate  # noqa: E402
-from mmr_ext.train import TrainConfig, train  # noqa: E402
+from mmr_ext.evaluation import evaluate  # noqa: E402
+from mmr_ext.train import PAPER_EPS, TrainConfig, load_dataset, load_model, train  # noqa: E402
 
 #: The schemes and their training options (everything else: the papers' MNIST defaults).
 SCHEMES: Dict[str, Dict[str, object]] = {

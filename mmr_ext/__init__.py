@@ -6,17 +6,16 @@ native (C++/CUDA) kernels for the linear-region geometry. See README.md and docs
 import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 
 from .attacks import min_norm_attack, pgd, pgd_max, verify_adversarial
-from .bounds import certified_by_bounds, layer_bounds, margin_bounds
-from .box import box_distance, box_min_distance
-from .certificates import Certificate, certify
+from .certify import Certificate, MIPResult, certified_by_bounds, certify, layer_bounds, margin_bounds, verify_mip
 from .evaluation import EvaluationResult, evaluate
-from .geometry import region_distances
-from .nn.layers import Normalize
-from .mip import MIPResult, verify_mip
+from .geometry import (RegionGeometry, activation_pattern, flip_units, region_distances, region_distances_reference,
+                       region_geometry)
+from .nn import Normalize
 from .losses import MMRLoss, UniversalLoss, mmr_loss, mmr_regularizer, mmr_universal, universal_loss
-from .radii import hull_radius, naive_radius, union_radius, universal_radius
-from .reference import region_distances_reference
-from .regions import RegionGeometry, activation_pattern, flip_units, region_geometry
+from .math.ball_radii import naive_radius, union_radius
+from .math.box_distance import box_closest_point, box_distance, box_min_distance
+from .math.hull_radius import hull_radius
+from .math.universal_radius import universal_radius
 
 __version__ = "0.1.0"
 
@@ -39,6 +38,7 @@ __all__ = [
     "certify",
     "flip_units",
     "region_geometry",
+    "box_closest_point",
     "box_distance",
     "box_min_distance",
     "hull_radius",

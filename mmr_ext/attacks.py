@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import check_batch, check_box, check_eps, check_in_box, check_y, parse_eps_dict, positive_int
+from .math.box_projection import project_ball_box
+from .math.distances import distance, lp_norm
 from .math.norms import parse_norm
 
 __all__ = ["pgd", "pgd_max", "min_norm_attack", "verify_adversarial", "project", "distance",
@@ -42,16 +44,6 @@ Eps = Union[float, torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # validation and small helpers
 # ---------------------------------------------------------------------------------------------
-
-def lp_norm(v: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-sample lp-norm of a batch [B, ...] in float64."""
-    return torch.linalg.vector_norm(v.reshape(v.shape[0], -1).to(torch.float64), ord=p, dim=1)
-
-
-def distance(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-sample ||a - b||_p in float64 (the difference is taken in float64, so it is exact)."""
-    return lp_norm(a.detach().to(torch.float64) - b.detach().to(torch.float64), p)
-
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """f_y - max_{s != y} f_s per sample: negative iff the sample is (strictly) misclassified."""
@@ -103,102 +95,20 @@ def _round_toward(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _project_l1(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """|δ| for min ||δ - u||_2 s.t. ||δ||_1 <= eps, |δ_i| <= cap_i (signs follow u); u = |u| here.
-
-    δ_i = clamp(u_i - λ, 0, cap_i) with the smallest λ >= 0 such that Σ δ_i <= eps.
-    S(λ) = Σ clamp(u_i - λ, 0, cap_i) = P(λ; u) - P(λ; u - cap), P(λ; t) = Σ max(t_i - λ, 0),
-    is non-increasing and piecewise linear with breakpoints u_i and u_i - cap_i: evaluate it on
-    both sorted lists (prefix sums + searchsorted), bracket the crossing of eps between the
-    nearest breakpoints and interpolate. Exact up to rounding; O(d log d).
-    """
-    B, d = u.shape
-    s1, _ = torch.sort(u, dim=1)
-    t2s, _ = torch.sort(u - cap, dim=1)
-    s2 = t2s.clamp_min(0)  # breakpoints u_i - cap_i that lie in λ >= 0 (still sorted)
-    c1 = torch.cat([s1.new_zeros(B, 1), s1.cumsum(1)], 1)  # prefix sums of ascending values
-    c2 = torch.cat([t2s.new_zeros(B, 1), t2s.cumsum(1)], 1)
-
-    def S(lam: torch.Tensor) -> torch.Tensor:  # lam [B, M] -> [B, M]
-        k1 = torch.searchsorted(s1, lam, right=True)  # count of values <= lam
-        k2 = torch.searchsorted(t2s, lam, right=True)
-        p1 = (c1[:, -1:] - c1.gather(1, k1)) - lam * (d - k1)
-        p2 = (c2[:, -1:] - c2.gather(1, k2)) - lam * (d - k2)
-        return p1 - p2
-
-    zero = u.new_zeros(B, 1)
-    lam_lo, lam_hi = zero[:, 0].clone(), u.amax(1)  # S(0) > eps (caller), S(max u) = 0
-    e = eps[:, None]
-    for bp in (s1, s2):  # each list is sorted, so S is monotone along it
-        sv = S(bp)
-        k = (sv > e).sum(1, keepdim=True)  # breakpoints with S > eps come first
-        below = bp.gather(1, (k - 1).clamp_min(0))[:, 0]
-        above = bp.gather(1, k.clamp_max(d - 1))[:, 0]
-        lam_lo = torch.where(k[:, 0] > 0, torch.maximum(lam_lo, below), lam_lo)
-        lam_hi = torch.where(k[:, 0] < d, torch.minimum(lam_hi, above), lam_hi)
-    ends = S(torch.stack([lam_lo, lam_hi], 1))
-    s_lo, s_hi = ends[:, 0], ends[:, 1]
-    slope = torch.where(s_lo > s_hi, (lam_hi - lam_lo) / (s_lo - s_hi).clamp_min(1e-300),
-                        torch.zeros_like(s_lo))
-    lam = (lam_lo + (s_lo - eps) * slope).clamp(lam_lo, lam_hi)
-    return (u - lam[:, None]).clamp_min(0).minimum(cap)
-
-
-def _project_l2(u: torch.Tensor, cap: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """|δ| for min ||δ - u||_2 s.t. ||δ||_2 <= eps, |δ_i| <= cap_i; u = |u| here.
-
-    δ_i = min(s u_i, cap_i) with s in (0, 1] such that G(s) = Σ min(s u_i, cap_i)^2 = eps^2.
-    G is piecewise quadratic with breakpoints cap_i / u_i: sort them, find the segment with
-    prefix sums, solve the quadratic on it in closed form.
-    """
-    B, d = u.shape
-    pos = u > 0
-    beta = torch.where(pos, cap / torch.where(pos, u, torch.ones_like(u)), torch.full_like(u, math.inf))
-    beta, order = torch.sort(beta, dim=1)
-    us, cs = u.gather(1, order), cap.gather(1, order)
-    zero = u.new_zeros(B, 1)
-    R = torch.cat([zero, (cs * cs).cumsum(1)], 1)                    # Σ_{i<m} cap^2
-    A = torch.cat([(us * us).flip(1).cumsum(1).flip(1), zero], 1)    # Σ_{i>=m} u^2
-    G = torch.where(torch.isinf(beta), torch.full_like(beta, math.inf),
-                    R[:, :-1] + torch.where(torch.isinf(beta), zero, beta) ** 2 * A[:, :-1])
-    k = (G <= (eps * eps)[:, None]).sum(1)
-    Rk, Ak = R.gather(1, k[:, None])[:, 0], A.gather(1, k[:, None])[:, 0]
-    s = torch.sqrt((eps * eps - Rk).clamp_min(0) / Ak.clamp_min(1e-300))
-    s = torch.where(Ak > 0, s, torch.full_like(s, math.inf)).clamp_max(1.0)
-    return torch.minimum(s[:, None] * u, cap)
-
-
 def project(x: torch.Tensor, z: torch.Tensor, *, norm, eps: Eps, lo: float = 0.0,
             hi: float = 1.0) -> torch.Tensor:
     """Exact Euclidean projection of z onto {v : ||v - x||_p <= eps, lo <= v <= hi}.
 
-    Computed in float64 (l∞: clamp; l2 and l1: the exact one-dimensional dual of the
-    separable problem) and rounded toward x in x's dtype, so the result is in the box and the
-    ball exactly. x must lie in the box; eps is a number or a [B] tensor.
+    Computed in float64 by :func:`mmr_ext.math.box_projection.project_ball_box` (docs/MATH.md §7)
+    and rounded toward x in x's dtype, so the result is in the box and the ball exactly. x must
+    lie in the box; eps is a number or a [B] tensor.
     """
     p = parse_norm(norm)
     lo, hi = check_box(lo, hi)
     e = check_eps(eps, x)
     shape = x.shape
     x64 = x.detach().reshape(shape[0], -1).to(torch.float64)
-    u = z.detach().reshape(shape[0], -1).to(torch.float64) - x64
-    up = u > 0
-    cap = torch.where(up, hi - x64, x64 - lo).clamp_min(0)
-    a = u.abs()
-    if math.isinf(p):
-        mag = torch.minimum(a, torch.minimum(cap, e[:, None]))
-    else:
-        clipped = torch.minimum(a, cap)
-        norm_clipped = torch.linalg.vector_norm(clipped, ord=p, dim=1)
-        inside = norm_clipped <= e
-        mag = (_project_l1 if p == 1 else _project_l2)(a, cap, e)
-        mag = torch.where(inside[:, None], clipped, mag)
-        # rounding safety: the stored δ must satisfy the constraint, not just up to 1 ulp
-        n = torch.linalg.vector_norm(mag, ord=p, dim=1)
-        shrink = torch.where(n > e, e / n.clamp_min(1e-300) * (1 - 4 * torch.finfo(torch.float64).eps),
-                             torch.ones_like(n))
-        mag = mag * shrink[:, None]
-    delta = torch.where(up, mag, -mag)
+    delta = project_ball_box(x64, z.detach().reshape(shape[0], -1).to(torch.float64), p, e, lo, hi)
     xf = x.detach().reshape(shape[0], -1)
     out = _round_toward(xf, (x64 + delta).clamp(lo, hi))
     # (x + δ) - x need not equal δ in floating point: shrink until the stored point passes the

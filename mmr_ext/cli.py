@@ -1,17 +1,28 @@
 """Command line: ``mmr-ext train ...`` and ``mmr-ext evaluate ...`` (also ``python -m mmr_ext``).
 
 ``mmr-ext train`` with no options trains the demo MMR-Universal CNN on the bundled mnist5k split
-and prints its test error and certified radii; see ``mmr-ext train --help``.
+and prints its test error and certified radii; see ``mmr-ext train --help``. ``mmr-ext evaluate
+CHECKPOINT`` prints the test error and the robust-error bounds of :func:`mmr_ext.evaluate` (first
+1000 test points, the papers' ε per data set of :data:`mmr_ext.train.PAPER_EPS`). All argparse of
+the package lives here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
+import time
 from dataclasses import fields
+from fractions import Fraction
 from typing import List, Optional
 
-__all__ = ["main", "build_parser"]
+import torch
+
+from .math.norms import parse_norm
+
+__all__ = ["main", "build_parser", "add_evaluate_arguments", "run_evaluate"]
+
 
 _TRAIN_EPILOG = """\
 examples:
@@ -100,6 +111,141 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", dest="verbose", action="store_false", help="print only the final summary")
 
 
+# ---------------------------------------------------------------------------------------------
+# mmr-ext evaluate
+# ---------------------------------------------------------------------------------------------
+
+def _number(text: str) -> float:
+    """A float, also written as a fraction such as 4/255."""
+    try:
+        value = float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``mmr-ext evaluate``."""
+    from .evaluation import ATTACKS
+
+    parser.add_argument("checkpoint", help="checkpoint written by mmr-ext train (checkpoint.pt)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", help="data set (default: the checkpoint's, else mnist5k)")
+    g.add_argument("--data-dir", metavar="DIR", help="folder with the data set files (all but mnist5k)")
+    g.add_argument("--n-points", type=int, default=1000, metavar="N",
+                   help="evaluate the first N test points (default 1000, as in the papers)")
+    g = parser.add_argument_group("threat model")
+    g.add_argument("--eps", nargs=3, type=_number, metavar=("E1", "E2", "EINF"),
+                   help="radii (fractions like 4/255 allowed; default per data set: MNIST/F-MNIST "
+                        "1 0.3 0.1, GTSRB 3 0.2 4/255, CIFAR-10 2 0.1 2/255)")
+    g.add_argument("--norms", nargs="+", default=["1", "2", "inf"], metavar="P",
+                   help="norms to evaluate (default: 1 2 inf)")
+    g = parser.add_argument_group("attacks (lower bounds)")
+    g.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
+                   help="pgd and/or fmn (minimum-norm attack); default both")
+    g.add_argument("--attack-steps", type=int, default=100, metavar="N", help="PGD steps (default 100)")
+    g.add_argument("--attack-restarts", type=int, default=1, metavar="N", help="PGD restarts (default 1)")
+    g.add_argument("--fmn-steps", type=int, default=100, metavar="N",
+                   help="minimum-norm attack steps (default 100)")
+    g = parser.add_argument_group("certificates (upper bounds)")
+    g.add_argument("--no-bounds", dest="use_bounds", action="store_false",
+                   help="skip linear bound propagation")
+    g.add_argument("--alpha-steps", type=int, default=0, metavar="N",
+                   help="α-optimisation steps of bound propagation (default 0)")
+    g.add_argument("--neighbors", type=int, default=0, metavar="N",
+                   help="neighbouring linear regions explored by the region certificate (paper: 5)")
+    g.add_argument("--mip", action="store_true", help="exact MIP verification (l1, l∞) of undecided points")
+    g.add_argument("--mip-time-limit", type=float, default=120.0, metavar="S",
+                   help="MIP seconds per point and norm (default 120)")
+    g.add_argument("--workers", type=int, default=1, metavar="N", help="processes for the MIP (default 1)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--batch-size", type=int, default=100, metavar="N")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", metavar="JSON", help="write the per-point results and the table to this file")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _fail(message: str) -> int:
+    print(f"mmr-ext evaluate: error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Runs ``mmr-ext evaluate`` for parsed arguments; returns the exit status."""
+    from .evaluation import evaluate
+    from .train import PAPER_EPS, CheckpointError, dataset_info, load_dataset, load_model
+
+    for name in ("n_points", "attack_steps", "attack_restarts", "fmn_steps", "workers", "batch_size"):
+        if getattr(args, name) < 1:
+            return _fail(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    for name in ("alpha_steps", "neighbors"):
+        if getattr(args, name) < 0:
+            return _fail(f"argument --{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
+    if not args.mip_time_limit > 0:
+        return _fail(f"argument --mip-time-limit: must be > 0, got {args.mip_time_limit}")
+    try:
+        norms = [parse_norm(p, "--norms") for p in args.norms]
+    except ValueError as exc:
+        return _fail(f"argument --norms: {exc}")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        return _fail(f"argument --device: {exc}")
+    try:
+        model, ckpt = load_model(args.checkpoint, map_location=device)
+    except CheckpointError as exc:
+        return _fail(str(exc))
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    dataset = args.dataset or config.get("dataset") or "mnist5k"
+    try:
+        info = dataset_info(dataset, "test")
+    except (ValueError, TypeError) as exc:
+        return _fail(f"argument --dataset: {exc}")
+    if tuple(ckpt["in_shape"]) != tuple(info.in_shape) or int(ckpt["num_classes"]) != info.num_classes:
+        return _fail(f"the checkpoint's model takes {tuple(ckpt['in_shape'])} inputs with "
+                     f"{ckpt['num_classes']} classes, but data set '{info.name}' has "
+                     f"{info.in_shape} inputs and {info.num_classes} classes")
+    data_dir = args.data_dir or config.get("data_dir")
+    try:
+        data = load_dataset(info.name, data_dir=data_dir, split="test")
+    except (FileNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    n = min(args.n_points, len(data))
+    dtype = next(model.parameters()).dtype
+    x = data.images[:n].to(device=device, dtype=dtype)
+    y = data.labels[:n].to(device)
+    defaults = PAPER_EPS.get(info.name, PAPER_EPS["mnist"])
+    radii = dict(zip((1.0, 2.0, math.inf), args.eps)) if args.eps else defaults
+    eps = {p: radii[p] for p in norms}
+    start = time.monotonic()
+    result = evaluate(model, x, y, eps=eps, box=(0.0, 1.0), attacks=tuple(args.attacks),
+                      attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
+                      fmn_steps=args.fmn_steps, use_bounds=args.use_bounds,
+                      bound_alpha_steps=args.alpha_steps, use_mip=args.mip,
+                      mip_time_limit=args.mip_time_limit, neighbors=args.neighbors,
+                      workers=args.workers, batch_size=args.batch_size, seed=args.seed,
+                      progress=args.progress)
+    result.settings.update({"checkpoint": str(args.checkpoint), "dataset": info.name,
+                            "model": ckpt.get("model_name"), "n_points": n})
+    result.timing["total"] = time.monotonic() - start
+    title = f"{ckpt.get('model_name')} on {info.name} (first {n} test points): {args.checkpoint}"
+    print(result.table(title), flush=True)
+    if args.out:
+        path = result.to_json(args.out)
+        print(f"results written to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser and entry point
+# ---------------------------------------------------------------------------------------------
+
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     """The ``mmr-ext`` argument parser with its ``train`` and ``evaluate`` subcommands.
 
@@ -123,18 +269,17 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     tp.set_defaults(train_parser=tp)  # for usage errors found after parsing
     help_text = "test error and robust-error bounds of a trained model"
     if with_evaluate:
-        evaluate = importlib.import_module(f"{__package__}.evaluation")
+        evaluation = importlib.import_module(f"{__package__}.evaluation")
         ep = sub.add_parser("evaluate", help=help_text,
-                            description=(evaluate.__doc__ or "").strip().split("\n\n")[0] or None)
-        evaluate.add_arguments(ep)
+                            description=(evaluation.__doc__ or "").strip().split("\n\n")[0] or None)
+        add_evaluate_arguments(ep)
     else:
         sub.add_parser("evaluate", help=help_text, add_help=False)
     return parser
 
 
 def _train_main(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .train import ConfigError, TrainConfig, format_summary, resolve_config, train
+    from .train import CheckpointError, ConfigError, TrainConfig, format_summary, resolve_config, train
 
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
@@ -170,6 +315,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train_main(args)
-    evaluate = importlib.import_module(f"{__package__}.evaluation")
-    status = evaluate.run(args)
+    status = run_evaluate(args)
     return int(status) if isinstance(status, int) else 0

@@ -10,7 +10,7 @@ Protocol of the MMR-Universal paper (Croce & Hein, ICLR 2020) (§5, App. C; docs
 - **UB** (upper bound, "not certified"): the point is misclassified or not proved robust by any
   certifier: the linear-region certificate (:func:`mmr_ext.certify`, box-aware, optionally with
   neighbouring regions; for l2 also the universal Thm 4.1 radius from l1 and l∞), linear bound
-  propagation (:mod:`mmr_ext.bounds`) and, optionally, exact MIP (:mod:`mmr_ext.mip`, l1 and l∞).
+  propagation (:mod:`mmr_ext.certify.bounds`) and, optionally, exact MIP (:mod:`mmr_ext.certify.mip`, l1 and l∞).
   A certificate counts when its radius exceeds ε_p strictly.
 - The union l1 + l2 + l∞: attacked in some norm (LB); not certified in every norm (UB).
 
@@ -21,12 +21,10 @@ command line (first 1000 test points, the papers' ε per data set).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -38,21 +36,17 @@ import torch
 from torch import nn
 
 from .attacks import margins, min_norm_attack, pgd, verify_adversarial
-from .checks import check_batch, check_box, check_in_box, check_y, parse_eps_dict
+from .certify import certified_by_bounds, certify, verify_mip
+from .checks import check_batch, check_box, check_in_box, check_input, check_y, parse_eps_dict
 from .math.norms import norm_name, parse_norm
+from .nn.chain import parse_model
 
-__all__ = ["EvaluationResult", "evaluate", "add_arguments", "run", "PAPER_EPS", "norm_name"]
+__all__ = ["EvaluationResult", "evaluate", "ATTACKS", "norm_name"]
 
 INF = math.inf
-#: ε per data set (Croce & Hein, ICLR 2020, Table 1 / Table 4): MNIST and F-MNIST, GTSRB, CIFAR-10.
-PAPER_EPS: Dict[str, Dict[float, float]] = {
-    "mnist": {1.0: 1.0, 2.0: 0.3, INF: 0.1},
-    "mnist5k": {1.0: 1.0, 2.0: 0.3, INF: 0.1},
-    "fmnist": {1.0: 1.0, 2.0: 0.3, INF: 0.1},
-    "gtsrb": {1.0: 3.0, 2.0: 0.2, INF: 4 / 255},
-    "cifar10": {1.0: 2.0, 2.0: 0.1, INF: 2 / 255},
-}
 _ATTACKS = ("pgd", "fmn")
+#: Names of the built-in attacks of :func:`evaluate` (the choices of ``mmr-ext evaluate --attacks``).
+ATTACKS = _ATTACKS
 _VERIFY_TOL = 1e-9  # our attacks place examples in the ball exactly; this only absorbs float64 noise
 AttackFn = Callable[..., torch.Tensor]
 
@@ -232,7 +226,6 @@ def _fmt_eps(e: float) -> str:
 
 def _region_radii(model64: nn.Module, x64: torch.Tensor, y: torch.Tensor, norms, box, neighbors):
     """Region certificate radius per norm (float64 [B]); l2 and other p also use Thm 4.1."""
-    from .certificates import certify
 
     cert = certify(model64, x64, y, norms=tuple(norms), box=box, neighbors=neighbors)
     out = {}
@@ -337,9 +330,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
 
     from tqdm.auto import tqdm
 
-    from .bounds import certified_by_bounds
-    from .nn.chain import parse_model
-    from .checks import check_input
 
     parse_model(model)  # clear errors for unsupported models before any work
     check_input(model, x)  # dtype / device of x match the model's
@@ -432,7 +422,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
             check(p, in_batch)
 
     if use_mip:
-        from .mip import verify_mip
 
         t = time.monotonic()
         for p in norms:
@@ -478,132 +467,3 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         if result.lower_bound(key) > result.upper_bound(key) + 1e-9:  # impossible after check()
             raise RuntimeError(f"LB > UB for {key}: {result.lower_bound(key)} > {result.upper_bound(key)}")
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
-
-def _number(text: str) -> float:
-    """A float, also written as a fraction such as 4/255."""
-    try:
-        value = float(Fraction(text.strip())) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``mmr-ext evaluate``."""
-    parser.add_argument("checkpoint", help="checkpoint written by mmr-ext train (checkpoint.pt)")
-    g = parser.add_argument_group("data")
-    g.add_argument("--dataset", help="data set (default: the checkpoint's, else mnist5k)")
-    g.add_argument("--data-dir", metavar="DIR", help="folder with the data set files (all but mnist5k)")
-    g.add_argument("--n-points", type=int, default=1000, metavar="N",
-                   help="evaluate the first N test points (default 1000, as in the papers)")
-    g = parser.add_argument_group("threat model")
-    g.add_argument("--eps", nargs=3, type=_number, metavar=("E1", "E2", "EINF"),
-                   help="radii (fractions like 4/255 allowed; default per data set: MNIST/F-MNIST "
-                        "1 0.3 0.1, GTSRB 3 0.2 4/255, CIFAR-10 2 0.1 2/255)")
-    g.add_argument("--norms", nargs="+", default=["1", "2", "inf"], metavar="P",
-                   help="norms to evaluate (default: 1 2 inf)")
-    g = parser.add_argument_group("attacks (lower bounds)")
-    g.add_argument("--attacks", nargs="+", default=list(_ATTACKS), choices=_ATTACKS,
-                   help="pgd and/or fmn (minimum-norm attack); default both")
-    g.add_argument("--attack-steps", type=int, default=100, metavar="N", help="PGD steps (default 100)")
-    g.add_argument("--attack-restarts", type=int, default=1, metavar="N", help="PGD restarts (default 1)")
-    g.add_argument("--fmn-steps", type=int, default=100, metavar="N",
-                   help="minimum-norm attack steps (default 100)")
-    g = parser.add_argument_group("certificates (upper bounds)")
-    g.add_argument("--no-bounds", dest="use_bounds", action="store_false",
-                   help="skip linear bound propagation")
-    g.add_argument("--alpha-steps", type=int, default=0, metavar="N",
-                   help="α-optimisation steps of bound propagation (default 0)")
-    g.add_argument("--neighbors", type=int, default=0, metavar="N",
-                   help="neighbouring linear regions explored by the region certificate (paper: 5)")
-    g.add_argument("--mip", action="store_true", help="exact MIP verification (l1, l∞) of undecided points")
-    g.add_argument("--mip-time-limit", type=float, default=120.0, metavar="S",
-                   help="MIP seconds per point and norm (default 120)")
-    g.add_argument("--workers", type=int, default=1, metavar="N", help="processes for the MIP (default 1)")
-    g = parser.add_argument_group("run")
-    g.add_argument("--batch-size", type=int, default=100, metavar="N")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", metavar="JSON", help="write the per-point results and the table to this file")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
-
-def _fail(message: str) -> int:
-    print(f"mmr-ext evaluate: error: {message}", file=sys.stderr)
-    return 1
-
-
-def run(args: argparse.Namespace) -> int:
-    """Runs ``mmr-ext evaluate`` for parsed arguments; returns the exit status."""
-    from .checkpoint import CheckpointError, load_model
-    from .data import dataset_info, load_dataset
-
-    for name in ("n_points", "attack_steps", "attack_restarts", "fmn_steps", "workers", "batch_size"):
-        if getattr(args, name) < 1:
-            return _fail(f"argument --{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    for name in ("alpha_steps", "neighbors"):
-        if getattr(args, name) < 0:
-            return _fail(f"argument --{name.replace('_', '-')}: must be >= 0, got {getattr(args, name)}")
-    if not args.mip_time_limit > 0:
-        return _fail(f"argument --mip-time-limit: must be > 0, got {args.mip_time_limit}")
-    try:
-        norms = [parse_norm(p, "--norms") for p in args.norms]
-    except ValueError as exc:
-        return _fail(f"argument --norms: {exc}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        return _fail(f"argument --device: {exc}")
-    try:
-        model, ckpt = load_model(args.checkpoint, map_location=device)
-    except CheckpointError as exc:
-        return _fail(str(exc))
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    dataset = args.dataset or config.get("dataset") or "mnist5k"
-    try:
-        info = dataset_info(dataset, "test")
-    except (ValueError, TypeError) as exc:
-        return _fail(f"argument --dataset: {exc}")
-    if tuple(ckpt["in_shape"]) != tuple(info.in_shape) or int(ckpt["num_classes"]) != info.num_classes:
-        return _fail(f"the checkpoint's model takes {tuple(ckpt['in_shape'])} inputs with "
-                     f"{ckpt['num_classes']} classes, but data set '{info.name}' has "
-                     f"{info.in_shape} inputs and {info.num_classes} classes")
-    data_dir = args.data_dir or config.get("data_dir")
-    try:
-        data = load_dataset(info.name, data_dir=data_dir, split="test")
-    except (FileNotFoundError, ValueError) as exc:
-        return _fail(str(exc))
-    n = min(args.n_points, len(data))
-    dtype = next(model.parameters()).dtype
-    x = data.images[:n].to(device=device, dtype=dtype)
-    y = data.labels[:n].to(device)
-    defaults = PAPER_EPS.get(info.name, PAPER_EPS["mnist"])
-    radii = dict(zip((1.0, 2.0, INF), args.eps)) if args.eps else defaults
-    eps = {p: radii[p] for p in norms}
-    start = time.monotonic()
-    result = evaluate(model, x, y, eps=eps, box=(0.0, 1.0), attacks=tuple(args.attacks),
-                      attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
-                      fmn_steps=args.fmn_steps, use_bounds=args.use_bounds,
-                      bound_alpha_steps=args.alpha_steps, use_mip=args.mip,
-                      mip_time_limit=args.mip_time_limit, neighbors=args.neighbors,
-                      workers=args.workers, batch_size=args.batch_size, seed=args.seed,
-                      progress=args.progress)
-    result.settings.update({"checkpoint": str(args.checkpoint), "dataset": info.name,
-                            "model": ckpt.get("model_name"), "n_points": n})
-    result.timing["total"] = time.monotonic() - start
-    title = f"{ckpt.get('model_name')} on {info.name} (first {n} test points): {args.checkpoint}"
-    print(result.table(title), flush=True)
-    if args.out:
-        path = result.to_json(args.out)
-        print(f"results written to {path}")
-    return 0

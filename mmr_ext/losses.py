@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .geometry import compute_geometry
+from .checks import check_chunk_size
+from .geometry import MemoryBudget, compute_geometry
+from .math.topk_hinge import hinge, topk_hinge_mean_reference
 from .native import native_or_warn
 
 KSpec = Union[int, float]
@@ -48,12 +50,12 @@ def _pair(v, name: str) -> Tuple:
 
 
 def topk_hinge_mean(dist: torch.Tensor, k: int, gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (1/k) Σ_{i<=k} max(0, 1 - d^i/γ) over the k smallest entries (ties by index)."""
+    """Per-sample (1/k) Σ_{i<=k} max(0, 1 - d^i/γ) over the k smallest entries (ties by index):
+    the native op, or :func:`mmr_ext.math.topk_hinge.topk_hinge_mean_reference` without it."""
     if native_or_warn():
         from .native import topk_hinge
         return topk_hinge(dist, k, gamma)
-    order = torch.sort(dist.detach(), dim=1, stable=True).indices[:, :k]
-    return torch.relu(1 - dist.gather(1, order) / gamma).mean(dim=1), order
+    return topk_hinge_mean_reference(dist, k, gamma)
 
 
 def _universal_terms(boundary1, decision1, boundary_inf, decision_inf, k: int, gamma, lam, selection: str):
@@ -69,8 +71,8 @@ def _universal_terms(boundary1, decision1, boundary_inf, decision_inf, k: int, g
         idxinf = topk_hinge_mean(boundary_inf.detach(), k, ginf)[1]
         union = torch.zeros_like(boundary1, dtype=torch.bool)
         union.scatter_(1, idx1, True).scatter_(1, idxinf, True)
-        h1 = torch.where(union, torch.relu(1 - boundary1 / g1), torch.zeros_like(boundary1))
-        hinf = torch.where(union, torch.relu(1 - boundary_inf / ginf), torch.zeros_like(boundary_inf))
+        h1 = torch.where(union, hinge(boundary1, g1), torch.zeros_like(boundary1))
+        hinf = torch.where(union, hinge(boundary_inf, ginf), torch.zeros_like(boundary_inf))
         boundary_term = (l1 * h1 + linf * hinf).sum(dim=1) / k
     decision_term = (l1 * topk_hinge_mean(decision1, K - 1, g1)[0]
                      + linf * topk_hinge_mean(decision_inf, K - 1, ginf)[0])
@@ -82,7 +84,8 @@ def _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size):
     lam = tuple(_non_negative(v, f"lam[{i}]") for i, v in enumerate(_pair(lam, "lam")))
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y, chunk_size)
+    check_chunk_size(chunk_size)
+    ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y, MemoryBudget(chunk_size))
     if logits.shape[1] < 2:
         raise ValueError(f"the model must have at least 2 classes, got {logits.shape[1]}")
     k = resolve_k(k_boundary, b1.shape[1], "k_boundary")
@@ -129,7 +132,8 @@ def universal_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, k_boun
 def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision, chunk_size):
     gamma_boundary = _positive(gamma_boundary, "gamma_boundary")
     gamma_decision = _positive(gamma_decision, "gamma_decision")
-    ((boundary, decision),), logits = compute_geometry(model, x, (p,), y, chunk_size)
+    check_chunk_size(chunk_size)
+    ((boundary, decision),), logits = compute_geometry(model, x, (p,), y, MemoryBudget(chunk_size))
     K = logits.shape[1]
     if K < 2:
         raise ValueError(f"the model must have at least 2 classes, got {K}")

@@ -1,7 +1,10 @@
 """Model builders and independent oracles shared by the tests (imported as ``import oracles``)."""
+import itertools
 import math
 
+import numpy as np
 import torch
+from scipy.optimize import linprog, minimize
 from torch import nn
 
 import mmr_ext
@@ -165,3 +168,130 @@ def distances_and_grads(fn, model, x, p, **kwargs):
     ((b.nan_to_num(posinf=0.0) * wb).sum() + (d.nan_to_num(posinf=0.0) * wd).sum()).backward()
     return (b.detach(), d.detach()), [xx.grad] + [None if prm.grad is None else prm.grad.clone()
                                                    for prm in model.parameters()]
+
+
+# ------------------------------------------------------------------------------------------
+# lp distance to a hyperplane inside a box (docs/MATH.md §7), one hyperplane at a time in numpy/scipy
+
+def pnorm(v, p):
+    v = np.abs(v)
+    return v.max(initial=0.0) if math.isinf(p) else (v ** p).sum() ** (1 / p)
+
+
+def enumerate_active_sets(w, b, x, p, lo, hi, return_point=False):
+    """Exact box distance for small d: every coordinate is at its lower bound, at its upper bound
+    or free; with the clamped ones fixed, the smallest lp step on the free ones that reaches the
+    hyperplane has a closed form (Hölder). The optimum is one of these candidates, and every
+    candidate that respects the box is feasible, so the smallest feasible candidate is exact.
+    With ``return_point``: (distance, minimiser or None)."""
+    d = len(w)
+    g = w @ x + b
+    if not w.any():
+        return (math.inf, None) if return_point else math.inf
+    if g == 0:
+        return (0.0, x.copy()) if return_point else 0.0
+    best, best_z = math.inf, None
+    for labels in itertools.product((0, 1, 2), repeat=d):
+        delta = np.zeros(d)
+        lab = np.array(labels)
+        delta[lab == 0] = (lo - x)[lab == 0]
+        delta[lab == 1] = (hi - x)[lab == 1]
+        free = lab == 2
+        c = -g - w[~free] @ delta[~free]            # what the free coordinates must contribute
+        wf = w * free
+        if c != 0:
+            if not wf.any():
+                continue
+            if p == 1:
+                j = int(np.argmax(np.abs(wf)))
+                delta[j] = c / w[j]
+            elif math.isinf(p):
+                t = abs(c) / np.abs(wf).sum()
+                delta[free] = np.sign(c) * np.sign(w[free]) * t
+            else:
+                q = p / (p - 1.0)
+                mag = np.abs(wf) ** (q - 1)
+                delta[free] = np.sign(c) * np.sign(w[free]) * mag[free] * abs(c) / (np.abs(wf) ** q).sum()
+        z = x + delta
+        if np.all(z >= lo - 1e-12) and np.all(z <= hi + 1e-12) and abs(w @ z + b) <= 1e-9 * (1 + abs(b)):
+            if pnorm(delta, p) < best:
+                best, best_z = pnorm(delta, p), z
+    return (best, best_z) if return_point else best
+
+
+def linprog_distance(w, b, x, p, lo, hi):
+    """p = 1 (δ = u - v, u, v >= 0) and p = inf (epigraph variable t) as linear programs."""
+    d = len(w)
+    g = w @ x + b
+    if p == 1:
+        bounds = [(0, h - xi) for h, xi in zip(hi, x)] + [(0, xi - l) for l, xi in zip(lo, x)]
+        res = linprog(np.ones(2 * d), A_eq=np.concatenate([w, -w])[None], b_eq=[-g], bounds=bounds,
+                      method="highs")
+    else:
+        c = np.zeros(d + 1)
+        c[-1] = 1.0
+        A_ub = np.block([[np.eye(d), -np.ones((d, 1))], [-np.eye(d), -np.ones((d, 1))]])
+        res = linprog(c, A_ub=A_ub, b_ub=np.zeros(2 * d), A_eq=np.append(w, 0.0)[None], b_eq=[-g],
+                      bounds=list(zip(lo - x, hi - x)) + [(0, None)], method="highs")
+    assert res.status in (0, 2), res.message
+    return res.fun if res.status == 0 else math.inf
+
+
+def slsqp_distance(w, b, x, p, lo, hi, rng, starts=5):
+    """min ||z - x||_p^p over the box and the hyperplane by SLSQP from random starts."""
+    best = math.inf
+    for _ in range(starts):
+        z0 = rng.uniform(lo, hi)
+        res = minimize(lambda z: np.sum(np.abs(z - x) ** p), z0,
+                       jac=lambda z: p * np.abs(z - x) ** (p - 1) * np.sign(z - x),
+                       constraints=[{"type": "eq", "fun": lambda z: w @ z + b, "jac": lambda z: w}],
+                       bounds=list(zip(lo, hi)), method="SLSQP", options={"ftol": 1e-15, "maxiter": 500})
+        if abs(w @ res.x + b) < 1e-9 and np.all(res.x >= lo - 1e-12) and np.all(res.x <= hi + 1e-12):
+            best = min(best, pnorm(res.x - x, p))
+    return best
+
+
+def meets_box(w, b, lo, hi):
+    """The hyperplane meets the box iff -b lies between the min and max of <w, z> over it."""
+    return np.minimum(w * lo, w * hi).sum() <= -b <= np.maximum(w * lo, w * hi).sum()
+
+
+def random_box_case(rng, d, M, *, tensor_box):
+    """Hyperplanes (some sparse, some missing the box, one zero row), a box, points inside it with
+    coordinates on its faces."""
+    w = rng.normal(size=(M, d)) * rng.random((M, d)) ** 2
+    w[rng.random((M, d)) < 0.2] = 0.0
+    w[0] = 0.0
+    if tensor_box:
+        lo = rng.uniform(-1, 0.5, d)
+        hi = lo + rng.uniform(0, 1.5, d)
+        hi[0] = lo[0]                             # a degenerate side: that coordinate cannot move
+    else:
+        lo, hi = np.zeros(d), np.ones(d)
+    x = rng.uniform(lo, hi, size=(3, d))
+    x = np.where(rng.random((3, d)) < 0.2, lo, np.where(rng.random((3, d)) < 0.2, hi, x))
+    b = -(w @ rng.uniform(lo - 0.6, hi + 0.6))   # planes through random points, inside or outside
+    return w, b, x, lo, hi
+
+
+# ------------------------------------------------------------------------------------------
+# min of a linear function over an lp-ball ∩ [0, 1]^d (docs/MATH.md §7)
+
+def lp_ball_box_min(a, x, p, eps):
+    """min <a, z> over ||z - x||_p <= eps, 0 <= z <= 1: linprog for l1 / l∞, SLSQP for l2."""
+    d = a.size
+    if p == math.inf:
+        return float(a @ np.where(a > 0, np.maximum(0, x - eps), np.minimum(1, x + eps)))
+    if p == 1:  # z = x + u - v, u, v >= 0, Σ(u + v) <= eps
+        c = np.r_[a, -a]
+        res = linprog(c, A_ub=np.ones((1, 2 * d)), b_ub=[eps],
+                      bounds=[(0, 1 - xi) for xi in x] + [(0, xi) for xi in x], method="highs")
+        return float(a @ x + res.fun)
+    cons = [{"type": "ineq", "fun": lambda z: eps ** 2 - ((z - x) ** 2).sum(), "jac": lambda z: -2 * (z - x)}]
+    best = math.inf
+    for start in (x, np.clip(x - eps * a / max(np.linalg.norm(a), 1e-300), 0, 1)):
+        res = minimize(lambda z: a @ z, start, jac=lambda z: a, bounds=[(0, 1)] * d, constraints=cons,
+                       method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
+        if res.success or res.status == 8:
+            best = min(best, float(res.fun))
+    return best

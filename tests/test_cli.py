@@ -1,15 +1,17 @@
-"""Command line: help, argument errors, a tiny end-to-end run, python -m."""
+"""Command line: help, argument errors, a tiny end-to-end run, python -m, mmr-ext evaluate."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from mmr_ext import cli
 from mmr_ext.nn import zoo as models
 
-from ddp_worker import tiny
+from train.ddp_worker import tiny
 
 
 
@@ -114,3 +116,46 @@ def test_python_dash_m_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mmr_ext", "train", "--mode", "nope"], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=120)
     assert res.returncode == 2 and "--mode" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# mmr-ext evaluate (moved from tests/test_evaluate.py with the command line)
+
+def parse_evaluate(argv):
+    """The options of ``mmr-ext evaluate`` parsed alone."""
+    parser = argparse.ArgumentParser()
+    cli.add_evaluate_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_evaluate_from_checkpoint(tmp_path, capsys):
+    from mmr_ext.train.checkpoint import save_checkpoint
+    from mmr_ext.nn.zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fc1", (1, 28, 28), 10)
+    ckpt = save_checkpoint(tmp_path / "checkpoint.pt", {
+        "model_name": "fc1", "in_shape": [1, 28, 28], "num_classes": 10,
+        "model_state": model.state_dict(), "dtype": "float32"})
+    out = tmp_path / "eval.json"
+    args = parse_evaluate([str(ckpt), "--n-points", "4", "--attack-steps", "3", "--fmn-steps", "3",
+                           "--norms", "1", "inf", "--out", str(out), "--no-progress"])
+    assert cli.run_evaluate(args) == 0
+    data = json.loads(out.read_text())
+    assert data["n"] == 4 and data["eps"] == {"l1": 1.0, "linf": 0.1}  # MNIST defaults
+    assert data["settings"]["dataset"] == "mnist5k" and data["settings"]["model"] == "fc1"
+    printed = capsys.readouterr().out
+    assert "TE" in printed and "l1+linf" in printed
+    args = parse_evaluate([str(ckpt), "--n-points", "2", "--attack-steps", "2", "--fmn-steps", "2",
+                           "--eps", "0.5", "0.2", "4/255", "--norms", "linf", "--no-bounds", "--no-progress"])
+    assert cli.run_evaluate(args) == 0
+    assert "eps=4/255" in capsys.readouterr().out
+
+
+def test_evaluate_reports_problems(tmp_path, capsys):
+    assert cli.run_evaluate(parse_evaluate([str(tmp_path / "missing.pt"), "--no-progress"])) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.run_evaluate(parse_evaluate([str(tmp_path / "missing.pt"), "--n-points", "0"])) == 1
+    assert "--n-points" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_evaluate(["ckpt.pt", "--eps", "1", "x", "0.1"])

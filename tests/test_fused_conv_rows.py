@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mmr_ext
-from mmr_ext import geometry
+from mmr_ext.geometry import reverse_rows, steps
 from mmr_ext.native import ops
 from mmr_ext.native import available
 from oracles import assert_distances_close, make_model
@@ -85,7 +85,7 @@ def test_rows_shared_by_the_batch_through_a_broadcast_view():
 def test_reverse_rows_use_the_fused_step(monkeypatch):
     """The first conv of a CNN (after Normalize, whose scale is folded into the weight) is walked
     back by the fused op; its distances equal the reference's."""
-    monkeypatch.setattr(geometry, "PATCH_COST_WEIGHT", 1e12)  # the Linear after convs in reverse order
+    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e12)  # the Linear after convs in reverse order
     calls = []
     original = ops.conv_transpose_row_distances
 
@@ -93,7 +93,7 @@ def test_reverse_rows_use_the_fused_step(monkeypatch):
         calls.append(args[3].shape)
         return original(*args)
 
-    monkeypatch.setattr(mmr_ext.native, "conv_transpose_row_distances", spy)
+    monkeypatch.setattr(reverse_rows, "conv_transpose_row_distances", spy)
     model, x = make_model("cnn")
     b, d = mmr_ext.region_distances(model, x, 1)
     rb, rd = mmr_ext.region_distances_reference(model, x, 1)
@@ -105,11 +105,11 @@ def test_reverse_rows_use_the_fused_step(monkeypatch):
 def test_first_layers_the_fused_step_cannot_take_are_walked_back_by_torch():
     conv = torch.nn.Conv2d(4, 2, 3, groups=2)
     trace = [(conv, (4, 6, 6), (2, 4, 4))]
-    assert geometry._fusable_first_conv(trace, [conv.weight]) is None  # grouped
+    assert reverse_rows.fusable_first_conv(trace, [conv.weight]) is None  # grouped
     big = torch.nn.Conv2d(16, 2, 3)  # 144 taps
-    assert geometry._fusable_first_conv([(big, (16, 6, 6), (2, 4, 4))], [big.weight]) is None
+    assert reverse_rows.fusable_first_conv([(big, (16, 6, 6), (2, 4, 4))], [big.weight]) is None
     mask = torch.ones(1, 2, 4, 4)
-    assert geometry._fusable_first_conv([mask], [None]) is None
+    assert reverse_rows.fusable_first_conv([mask], [None]) is None
 
 
 @pytest.mark.parametrize("change,message", [

@@ -39,3 +39,9 @@ def parse_norm(norm, name: str = "norm") -> float:
 def norm_name(p: float) -> str:
     """'l1', 'l2', 'linf' (or 'l<p>')."""
     return "linf" if math.isinf(p) else f"l{p:g}"
+
+
+def norm_key(norm, name: str = "norm") -> str:
+    """'1', '2' or 'inf' for a norm that :func:`parse_norm` accepts (the spelling of option values)."""
+    p = parse_norm(norm, name)
+    return "inf" if math.isinf(p) else f"{p:g}"

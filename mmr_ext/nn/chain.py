@@ -10,12 +10,10 @@ from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import Normalize
+from .adapters import adapter_for, adapter_of
 
-_AFFINE = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Flatten, Normalize)
 _SKIPPED = (nn.Identity, nn.Dropout)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
 
@@ -35,7 +33,7 @@ class AffineBlock:
     def linear(self, z: torch.Tensor) -> torch.Tensor:
         """The linear part W z (biases dropped), differentiable w.r.t. the layers' parameters."""
         for layer in self.layers:
-            z = linear_part(layer, z)
+            z = adapter_of(layer).linear(layer, z)
         return z
 
 
@@ -60,37 +58,6 @@ def activation_mask(f: torch.Tensor, slope: float) -> torch.Tensor:
     return torch.where(f > 0, torch.ones_like(f), torch.full_like(f, slope))
 
 
-def batchnorm_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm: y = scale * x + shift."""
-    inv_std = torch.rsqrt(bn.running_var + bn.eps)
-    scale = inv_std if bn.weight is None else bn.weight * inv_std
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def _per_channel(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    return v.reshape((1, -1) + (1,) * (z.dim() - 2))
-
-
-def linear_part(layer: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Applies the linear part (no bias) of one supported affine layer to z."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(z, layer.weight)
-    if isinstance(layer, nn.Conv2d):
-        return layer._conv_forward(z, layer.weight, None)
-    if isinstance(layer, (nn.AvgPool2d, nn.Flatten)):
-        return layer(z)
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        scale, _ = batchnorm_scale_shift(layer)
-        return z * _per_channel(scale, z)
-    if isinstance(layer, Normalize):
-        std = layer.std.reshape(()) if layer.std.numel() == 1 else _per_channel(layer.std, z)
-        return z / std
-    raise NotImplementedError(f"no linear part for {type(layer).__name__}")
-
-
 def _leaves(module: nn.Module, prefix: str) -> Iterator[Tuple[str, nn.Module]]:
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
@@ -102,19 +69,12 @@ def _leaves(module: nn.Module, prefix: str) -> Iterator[Tuple[str, nn.Module]]:
 
 def _check_layer(path: str, layer: nn.Module) -> None:
     where = f"layer '{path}' ({type(layer).__name__})"
-    if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if layer.training:
-            raise ValueError(f"{where} is in training mode: its output depends on the whole batch, "
-                             "so the network is not piecewise affine per sample; call model.eval() "
-                             "or put the BatchNorm layers in eval mode")
-        if layer.running_mean is None or layer.running_var is None:
-            raise ValueError(f"{where} has track_running_stats=False: it always normalises with batch "
-                             "statistics, which is not a per-sample affine map")
     if isinstance(layer, nn.Dropout) and layer.training and layer.p > 0:
         raise ValueError(f"{where} is in training mode with p={layer.p}: random masks make the "
                          "geometry undefined; call model.eval() or use p=0")
-    if isinstance(layer, nn.AvgPool2d) and layer.divisor_override is not None and layer.divisor_override <= 0:
-        raise ValueError(f"{where} has a non-positive divisor_override")
+    adapter = adapter_for(layer)
+    if adapter is not None:
+        adapter.check(where, layer)
 
 
 def parse_model(model: nn.Module) -> Chain:
@@ -145,7 +105,7 @@ def parse_model(model: nn.Module) -> Chain:
             slopes.append(float(layer.negative_slope) if isinstance(layer, nn.LeakyReLU) else 0.0)
             layers, names, last_activation = [], [], path
             continue
-        if not isinstance(layer, _AFFINE):
+        if adapter_for(layer) is None:
             raise NotImplementedError(
                 f"layer '{path}' ({type(layer).__name__}) is not supported: mmr_ext handles "
                 "Linear, Conv2d, AvgPool2d, eval-mode BatchNorm1d/2d, Flatten, Identity, "

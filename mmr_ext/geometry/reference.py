@@ -1,0 +1,70 @@
+"""Pure-PyTorch reference of the linear-region geometry (docs/MATH.md §1-2).
+
+Pushes the identity matrix through the masked linear parts of the network (the authors'
+algorithm): simple and exact, but it materialises V(l) for every sample and is therefore slow and
+memory hungry. It is the oracle of the tests and the fallback when the native path is unavailable.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..nn.chain import Chain, activation_mask, parse_model
+from ..checks import check_input, check_labels
+from ..math.distances import row_norms, safe_distance
+from ..math.norms import dual_exponent
+
+
+def decision_geometry(logits: torch.Tensor, V_logits: torch.Tensor, labels: Optional[torch.Tensor]):
+    """Reference class c, margins f_c - f_s [B, K] and difference rows V_c - V_s [B, d, K]."""
+    c = logits.argmax(dim=1) if labels is None else labels
+    margin = logits.gather(1, c[:, None]) - logits
+    Vc = V_logits.gather(2, c[:, None, None].expand(-1, V_logits.shape[1], 1))
+    return c, margin, Vc - V_logits
+
+
+def _hidden_and_logits(chain: Chain, x: torch.Tensor):
+    """Pre-activations f(l) [B, n_l] and V(l) [B, d, n_l] of every hidden layer, and the logits."""
+    B = x.shape[0]
+    d = x[0].numel()
+    tangents = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d,) + tuple(x.shape[1:]))
+    tangents = tangents.unsqueeze(0).expand((B,) + tangents.shape).reshape((B * d,) + tuple(x.shape[1:]))
+    g = x
+    hidden: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    for block, slope in chain.hidden:
+        f = block(g)
+        Vt = block.linear(tangents)
+        hidden.append((f.reshape(B, -1), Vt.reshape(B, d, -1)))
+        mask = activation_mask(f.detach(), slope)
+        g = f * mask
+        tangents = (Vt.reshape((B, d) + tuple(f.shape[1:])) * mask.unsqueeze(1)).reshape(Vt.shape)
+    logits = chain.logits_block(g)
+    V_logits = chain.logits_block.linear(tangents).reshape(B, d, -1)
+    return hidden, logits.reshape(B, -1), V_logits
+
+
+def reference_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor]
+                       ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """(boundary, decision) for every dual exponent in qs, and the logits, by identity propagation."""
+    hidden, logits, V_logits = _hidden_and_logits(chain, x)
+    check_labels(labels, x.shape[0], logits.shape[1], x.device)
+    c, margin, diff = decision_geometry(logits, V_logits, labels)
+    out = []
+    for q in qs:
+        boundary = [safe_distance(f.abs(), row_norms(V, q, dim=1)) for f, V in hidden]
+        boundary = torch.cat(boundary, dim=1) if boundary else logits.new_zeros((x.shape[0], 0))
+        decision = safe_distance(margin, row_norms(diff, q, dim=1)).scatter(1, c[:, None], math.inf)
+        out.append((boundary, decision))
+    return out, logits
+
+
+def region_distances_reference(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation of :func:`mmr_ext.region_distances` (same contract, pure PyTorch)."""
+    chain = parse_model(model)
+    q = dual_exponent(p)
+    check_input(model, x)
+    return reference_geometry(chain, x, (q,), labels)[0][0]

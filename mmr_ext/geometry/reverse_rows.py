@@ -1,0 +1,132 @@
+"""Rows of a Linear layer after convolutions, built on demand in reverse (vector-Jacobian) order
+(docs/MATH.md §1, §13): the Linear layer's weight rows are walked back through the traced layers
+and activation masks onto the input, for all units of some samples or for chosen (sample, unit)
+pairs; the last step onto the input runs fused with the dual norms when it is a conv.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..native import conv_transpose_fits, conv_transpose_row_distances, row_distances
+from ..nn.adapters import adapter_of, pair
+from .representations import Dense
+
+
+@dataclass
+class ReverseRows:
+    """Rows of a Linear layer after the traced layers, kept as (weights, trace) and built on demand
+    by walking the layers backwards (vector-Jacobian order): all units of some samples, or chosen
+    (sample, unit) pairs. Distances to them never store them (:func:`mmr_ext.native.lazy_row_distances`);
+    a layer that needs them explicitly forces them once (``cache`` is shared by copies)."""
+
+    weight: torch.Tensor  # [O, n] of the Linear layer
+    trace: list  # the layers (layer, in_shape, out_shape) and masks before it
+    weights: list  # per trace entry, the tensor its transpose uses (None: masks, pooling, flatten)
+    in_shape: Tuple[int, ...]
+    mask: Optional[torch.Tensor] = None  # [B, O] Σ of the following activation, not yet applied
+    cache: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(layer: nn.Linear, trace: list, in_shape) -> "ReverseRows":
+        weights = [None if isinstance(e, torch.Tensor) else adapter_of(e[0]).transpose_weight(e[0]) for e in trace]
+        return ReverseRows(layer.weight, list(trace), weights, tuple(in_shape))
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The tensors the rows depend on, in the order :meth:`rows_of` takes them."""
+        return [self.weight] + [w for w in self.weights if w is not None]
+
+    def _unpack(self, tensors: Optional[Sequence[torch.Tensor]]):
+        if tensors is None:
+            return self.weight, self.weights
+        rest = iter(tensors[1:])
+        return tensors[0], [None if w is None else next(rest) for w in self.weights]
+
+    def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
+                tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """All rows [len(samples) or 1, O, d] (samples None: the whole batch), or with ``units``
+        the rows [S, d] of the pairs (samples[i], units[i]); ``tensors`` replace :meth:`tensors`."""
+        W, weights = self._unpack(tensors)
+        out = reverse_walk(W[None] if units is None else W[units][:, None], self.trace, weights, samples)
+        out = out.reshape(out.shape[0], out.shape[1], -1)
+        return out if units is None else out[:, 0]
+
+    def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
+                     tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Distances [Q, len(samples), O] to all rows of ``samples`` (f: their pre-activations), no
+        autograd. When the walk ends with a conv on the input, that step runs fused with the dual
+        norms and the conv's activation mask (:func:`mmr_ext.native.conv_transpose_row_distances`): the masked
+        maps and the input-space rows are never stored."""
+        W, weights = self._unpack(tensors)
+        fused = fusable_first_conv(self.trace, weights)
+        if fused is None:
+            return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
+        at, weight = fused
+        rest = at + 1
+        mask = None
+        if rest < len(self.trace) and isinstance(self.trace[rest], torch.Tensor):  # the conv's activation:
+            mask, rest = self.trace[rest][samples], rest + 1  # applied inside the fused step
+        maps = reverse_walk(W[None], self.trace[rest:], weights[rest:], samples)
+        maps = maps.expand((f.shape[0],) + tuple(maps.shape[1:]))
+        conv, conv_in, _ = self.trace[at]
+        return conv_transpose_row_distances(f, maps, mask, weight, pair(conv.stride), pair(conv.padding),
+                                            pair(conv.dilation), conv_in, qs)
+
+    def elements_per_sample(self) -> int:
+        """Elements of the largest intermediate per sample when building all rows."""
+        widest = max([math.prod(e[1]) for e in self.trace if not isinstance(e, torch.Tensor)] + [self.weight.shape[1]])
+        return self.weight.shape[0] * widest
+
+    def forced_rows(self) -> Optional[torch.Tensor]:
+        return self.cache["dense"].V if "dense" in self.cache else None
+
+    def force(self) -> Dense:
+        """The rows as an explicit, differentiable Dense representation."""
+        if "dense" not in self.cache:
+            V = self.rows_of(None, None)
+            self.cache["dense"] = Dense(V, V.shape[-1])
+        return replace(self.cache["dense"], mask=self.mask)
+
+
+def reverse_walk(rows: torch.Tensor, trace: list, weights: list, samples: Optional[torch.Tensor]) -> torch.Tensor:
+    """rows [N, O, *out] of the map after the traced layers, walked back to the traced layers'
+    input: [N', O, *in].
+
+    ``weights``: per trace entry, the tensor its layer's transpose reads (``transpose_weight``). Masks are taken at
+    ``samples`` (one per row group; None: the whole batch, broadcasting N = 1).
+    """
+    for entry, weight in zip(reversed(trace), reversed(weights)):
+        Bp, O = rows.shape[:2]
+        if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
+            # feature-map masks are stored channels-last (see _fast_geometry): the layout of the rows
+            rows = rows * (entry if samples is None else entry[samples])[:, None]
+            continue
+        layer, layer_in, _ = entry
+        flat = adapter_of(layer).transpose(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)
+        rows = flat.reshape((Bp, O) + tuple(layer_in))
+    return rows
+
+
+def fusable_first_conv(trace: list, weights: list) -> Optional[Tuple[int, torch.Tensor]]:
+    """(index, weight) of the trace's first layer when it is a conv that the fused native step
+    handles, after any per-channel input scalings (Normalize, BatchNorm2d), whose scales are folded
+    into the returned conv weight; None otherwise."""
+    scale = None
+    for at, (entry, weight) in enumerate(zip(trace, weights)):
+        if isinstance(entry, torch.Tensor):
+            return None
+        layer, layer_in, _ = entry
+        kind = adapter_of(layer).kind
+        if kind == "scale":
+            scale = weight.reshape(-1) if scale is None else scale * weight.reshape(-1)
+            continue
+        if kind != "conv" or layer.groups != 1:
+            return None
+        if scale is not None:
+            weight = weight * scale.reshape(1, -1, 1, 1)
+        return (at, weight) if conv_transpose_fits(weight, layer_in) else None
+    return None

@@ -1,0 +1,231 @@
+"""One step of the row engine per affine layer kind, on every row representation (docs/MATH.md
+§1, §13): scalings, convolutions, average pooling, flattening and fully connected layers (with the
+cost model that picks forward or reverse order), the activation masks, and densification.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.adapters import adapter_of, pair
+from ..nn.chain import AffineBlock
+from .conv_rows import MaskedKernelRows, conv_kernel, conv_patches, full_weight, overlap_add
+from .memory import ExplicitRows
+from .representations import Dense, KernelPatches, Patches, Unsupported
+from .reverse_rows import ReverseRows
+
+
+@dataclass
+class RowPass:
+    """State of one pass of the row engine: the layers and masks so far (for rows built in
+    reverse order) and the ledger of explicit intermediates (for the memory plan)."""
+
+    trace: List = field(default_factory=list)
+    ledger: ExplicitRows = field(default_factory=ExplicitRows)
+
+
+#: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
+ON_DEMAND = (ReverseRows, MaskedKernelRows)
+
+
+def scale_units(rep, scale: torch.Tensor):
+    """Multiplies every row by the per-channel scale of its unit (BatchNorm, Normalize)."""
+    if isinstance(rep, KernelPatches):
+        if rep.mask is not None or scale.numel() not in (1, rep.K.shape[0]):
+            return scale_units(rep.materialize(), scale)
+        return replace(rep, K=rep.K * scale.reshape(-1, 1, 1, 1))
+    if isinstance(rep, Patches):
+        rep = rep.settled()
+        C = rep.P.shape[1]
+        s = scale.expand(C) if scale.numel() == 1 else scale
+        if s.numel() != C:
+            raise Unsupported("channel count mismatch")
+        return replace(rep, P=rep.P * s.reshape(1, C, 1, 1, 1, 1, 1))
+    n = rep.d if rep.V is None else rep.V.shape[1]
+    s = scale.expand(n) if scale.numel() == 1 else scale
+    if s.numel() != n:
+        raise Unsupported("per-feature scale size mismatch")
+    if rep.V is None:
+        return Dense(torch.diag(s)[None], rep.d)
+    if rep.mask is not None:  # a diagonal scale folds into the pending mask
+        return replace(rep, mask=rep.mask * s)
+    return Dense(rep.V * s.reshape(1, -1, 1), rep.d)
+
+
+def conv_step(rep, conv: nn.Conv2d, state: "RowPass"):
+    if rep.flat:
+        raise Unsupported("Conv2d on flat features")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise Unsupported("Conv2d padding mode")
+    w = full_weight(conv)
+    args = (pair(conv.stride), pair(conv.padding), pair(conv.dilation))
+    if isinstance(rep, KernelPatches):
+        if rep.mask is not None or (rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1)):
+            return conv_kernel(rep, w, *args)
+        rep = rep.materialize()
+    if not isinstance(rep, Patches):
+        raise Unsupported("Conv2d on flat features")
+    return conv_patches(rep, w, *args, False, state.ledger)
+
+
+def avgpool_step(rep, pool: nn.AvgPool2d, state: "RowPass"):
+    if isinstance(rep, KernelPatches):
+        rep = rep.materialize()
+    if not isinstance(rep, Patches) or rep.flat or pool.ceil_mode:
+        raise Unsupported("AvgPool2d layout or ceil_mode")
+    rep = rep.settled()
+    k = pair(pool.kernel_size)
+    s = pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    pad = pair(pool.padding)
+    C, H, W = rep.P.shape[1:4]
+    ones = rep.P.new_ones((1, 1, H, W))
+    # Per-position 1/divisor of the layer: its average of ones over the plain window sum of ones.
+    mean = F.avg_pool2d(ones, k, s, pad, False, pool.count_include_pad, pool.divisor_override)
+    total = F.avg_pool2d(ones, k, s, pad, False, True, 1)
+    out = conv_patches(rep, rep.P.new_ones((C,) + k), s, pad, (1, 1), True, state.ledger)
+    inv_div = (mean / total).reshape(1, 1, *mean.shape[-2:], 1, 1, 1)
+    return replace(out, P=out.P * inv_div)
+
+
+def flatten_step(rep, layer: nn.Flatten, state: "RowPass"):
+    if isinstance(rep, (Dense, ReverseRows)):
+        return rep
+    if layer.start_dim != 1 or layer.end_dim != -1:
+        raise Unsupported("partial Flatten")
+    return replace(rep, flat=True)
+
+
+def linear_step(rep, layer: nn.Linear, state: "RowPass"):
+    trace = state.trace
+    W = layer.weight
+    if isinstance(rep, ReverseRows):  # stay in reverse order: the rows of W need no rows of rep
+        return ReverseRows.of(layer, trace, rep.in_shape)
+    if isinstance(rep, Dense):
+        if rep.V is None and rep.mask is None:
+            return Dense(W[None], rep.d)
+        if rep.mask is not None and rep.V is not None:  # (W Σ) V: the mask scales W's columns
+            return Dense(torch.matmul(W * rep.mask[:, None, :], rep.V), rep.d)
+        return Dense(torch.matmul(W, rep.materialize().V), rep.d)
+    if not rep.flat:
+        raise Unsupported("Linear on unflattened feature maps")
+    if isinstance(rep, KernelPatches):
+        return kernel_to_dense(rep, W)
+    if PATCH_COST_WEIGHT * patch_macs(rep, W.shape[0]) <= reverse_macs(trace, W.shape[0]):
+        return patches_to_dense(rep.force() if isinstance(rep, MaskedKernelRows) else rep, W, state.ledger)
+    return ReverseRows.of(layer, trace, rep.in_shape)
+
+
+# Per-MAC cost of the patch contraction + overlap-add relative to the transposed convolutions of
+# the reverse order, measured on this project's CPU machines (memory traffic of the patches).
+PATCH_COST_WEIGHT = 6.0
+
+
+def patch_macs(rep, O: int) -> float:
+    shape = rep.patch_shape() if isinstance(rep, MaskedKernelRows) else rep.P.shape
+    return float(O * math.prod(shape[1:]))
+
+
+def reverse_macs(trace: list, O: int) -> float:
+    """Multiply-adds of walking O rows back through the traced layers (masks are free)."""
+    total = sum(adapter_of(e[0]).row_cost(*e) for e in trace if not isinstance(e, torch.Tensor))
+    return O * total
+
+
+def kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
+    """Rows of W [O, C*H*W] applied to (masked) kernel rows: one transposed conv per (sample, row)."""
+    C = rep.K.shape[0]
+    H, Wd = rep.grid
+    O = W.shape[0]
+    T = W.reshape(1, O, C, H, Wd)
+    if rep.mask is not None:
+        T = T * rep.mask[:, None]
+    Bp = T.shape[0]
+    if rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1):  # per-pixel channel map (e.g. the raw input)
+        canvas = torch.einsum("bochw,ci->boihw", T, rep.K[:, :, 0, 0]).reshape(Bp * O, -1, H, Wd)
+        return crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
+    canvas = F.conv_transpose2d(T.reshape(Bp * O, C, H, Wd), rep.K, stride=rep.stride)
+    return crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
+
+
+def crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Dense:
+    """Input-space rows from a canvas whose (0, 0) is input pixel (-Ph, -Pw)."""
+    Cin, Hin, Win = in_shape
+    Ph, Pw = offset
+    Hc, Wc = canvas.shape[-2:]
+    canvas = F.pad(canvas, (0, max(0, Pw + Win - Wc), 0, max(0, Ph + Hin - Hc)))
+    dense = canvas[:, :, Ph:Ph + Hin, Pw:Pw + Win]
+    return Dense(dense.reshape(Bp, O, Cin * Hin * Win), Cin * Hin * Win)
+
+
+def patches_to_dense(rep: Patches, W: torch.Tensor, ledger: ExplicitRows) -> Dense:
+    """Rows of the map W [O, C*H*W] applied to patch rows: per-position contraction, then fold."""
+    rep = rep.settled()
+    P = rep.P
+    Bp, C, H, Wd, Cin, Rh, Rw = P.shape
+    L, E = H * Wd, Cin * Rh * Rw
+    O = W.shape[0]
+    ledger.record(Bp, Bp * O * E * L)
+    Y = torch.einsum("ocl,bcle->boel", W.reshape(O, C, L), P.reshape(Bp, C, L, E))
+    canvas = overlap_add(Y.reshape(Bp * O, Cin, Rh, Rw, H, Wd), rep.stride)
+    return crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
+
+
+def scale_step(rep, layer: nn.Module, state: "RowPass"):
+    if isinstance(layer, nn.BatchNorm1d) and not isinstance(rep, Dense):
+        raise Unsupported("BatchNorm1d on feature maps")
+    return scale_units(rep, adapter_of(layer).transpose_weight(layer))
+
+
+STEPS = {"linear": linear_step, "conv": conv_step, "avgpool": avgpool_step, "flatten": flatten_step,
+         "scale": scale_step}
+
+
+def apply_layer(rep, layer: nn.Module, state: "RowPass"):
+    """Rows after one affine layer, by the layer's kind (:mod:`mmr_ext.nn.adapters`)."""
+    kind = adapter_of(layer).kind
+    if isinstance(rep, ON_DEMAND) and kind not in ("linear", "flatten"):
+        rep = rep.force()
+    return STEPS[kind](rep, layer, state)
+
+
+def apply_block(rep, block: AffineBlock, g: torch.Tensor, state: "RowPass"):
+    """Rows and outputs of one block; appends (layer, input shape, output shape) to the trace."""
+    for layer in block.layers:
+        rep = apply_layer(rep, layer, state)
+        out = layer(g)
+        state.trace.append((layer, tuple(g.shape[1:]), tuple(out.shape[1:])))
+        g = out
+    return rep, g
+
+
+def mask_rows(rep, mask: torch.Tensor):
+    """Rows of Σ(l) V(l): every row times its unit's activation slope (per sample)."""
+    B = mask.shape[0]
+    if isinstance(rep, ON_DEMAND):
+        return replace(rep, mask=mask.reshape(B, -1) if isinstance(rep, ReverseRows) else mask)
+    if isinstance(rep, KernelPatches):
+        if rep.mask is None:
+            return replace(rep, mask=mask)
+        rep = rep.materialize()
+    if isinstance(rep, Patches):  # kept aside: a next Linear in reverse order never reads the rows
+        return replace(rep.settled(), mask=mask.reshape(B, *rep.P.shape[1:4]))
+    if rep.V is not None:  # keep Σ aside: the next product scales its weight's columns instead
+        return replace(rep, mask=mask.reshape(B, -1) if rep.mask is None else rep.mask * mask.reshape(B, -1))
+    return Dense(rep.materialize().V * mask.reshape(B, -1, 1), rep.d)
+
+
+def to_dense(rep, ledger: ExplicitRows) -> Dense:
+    if isinstance(rep, ON_DEMAND):
+        rep = rep.force()
+    if isinstance(rep, Dense):
+        return rep.materialize()
+    if isinstance(rep, KernelPatches):
+        rep = rep.materialize()
+    C, H, W = rep.P.shape[1:4]
+    eye = torch.eye(C * H * W, dtype=rep.P.dtype, device=rep.P.device)
+    return patches_to_dense(replace(rep, flat=True), eye, ledger)
