@@ -9,7 +9,7 @@ Rows of V(l) are kept in the cheapest exact form and never densified needlessly:
   Linear layer after Flatten contracts each position's patches and overlap-adds them (fold).
 
 All products are ordinary differentiable torch ops, so gradients w.r.t. the parameters follow;
-the dual norms, distances and their gradients come from the native kernel (``ops.row_distances``).
+the dual norms, distances and their gradients come from the native kernel (``torch.ops.mmr_ext.row_distances``).
 Layers or layouts outside this scheme make :func:`region_distances` use the reference.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ class KernelPatches:
 class ReverseRows:
     """Rows of a Linear layer after the traced layers, kept as (weights, trace) and built on demand
     by walking the layers backwards (vector-Jacobian order): all units of some samples, or chosen
-    (sample, unit) pairs. Distances to them never store them (:func:`ops.lazy_row_distances`);
+    (sample, unit) pairs. Distances to them never store them (:func:`mmr_ext.native.lazy_row_distances`);
     a layer that needs them explicitly forces them once (``cache`` is shared by copies)."""
 
     weight: torch.Tensor  # [O, n] of the Linear layer
@@ -146,7 +146,7 @@ class ReverseRows:
                      tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Distances [Q, len(samples), O] to all rows of ``samples`` (f: their pre-activations), no
         autograd. When the walk ends with a conv on the input, that step runs fused with the dual
-        norms and the conv's activation mask (:func:`ops.conv_transpose_row_distances`): the masked
+        norms and the conv's activation mask (:func:`mmr_ext.native.conv_transpose_row_distances`): the masked
         maps and the input-space rows are never stored."""
         from .native import conv_transpose_row_distances, row_distances
 
@@ -411,7 +411,7 @@ class MaskedKernelRows:
         return replace(self.cache["patches"], flat=self.flat, mask=self.mask)
 
 
-#: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
+#: Representations whose rows are built on demand (see :func:`mmr_ext.native.lazy_row_distances`).
 ON_DEMAND = (ReverseRows, MaskedKernelRows)
 
 
@@ -771,6 +771,11 @@ def _spend(Bp: int, elements: int) -> None:
         raise _OverBudget(max(1, elements // Bp))
 
 
+@torch.compiler.disable  # torch.compile cannot trace deleting a thread-local attribute (a graph break here)
+def _end_budget() -> None:
+    del _budget.chunk_size
+
+
 def _budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
                        chunk_size: Optional[int]):
     """:func:`_fast_geometry` of the whole batch, or, when explicit rows (deep conv patches) break
@@ -782,7 +787,7 @@ def _budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], label
     except _OverBudget as over:
         n = chunk_size if chunk_size is not None else max(1, DEFAULT_CHUNK_ELEMENTS // over.per_sample)
     finally:
-        del _budget.chunk_size
+        _end_budget()
     parts = []
     for start in range(0, x.shape[0], n):
         args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], chunk_size)
