@@ -42,7 +42,9 @@ def _nvidia_wheel_includes():
 
 
 def _extension():
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))) + ["csrc/bindings.cpp"]
+    # csrc/*.cpp: the schemas (ops.cpp), the argument checks and the empty Python module;
+    # csrc/cpu and csrc/cuda: the kernels of each backend, registered with the dispatcher
+    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -52,7 +54,6 @@ def _extension():
             "mmr_ext._C",
             cpu_sources + cuda_sources,
             include_dirs=include_dirs + _nvidia_wheel_includes(),
-            define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=link_flags,
         )

@@ -39,7 +39,7 @@ while IFS= read -r -d '' cu; do
   if ! "$NVCC" -c "$cu" -o "$WORK/$(basename "$cu").o" "${INC_FLAGS[@]}" -I"$ROOT/csrc" -O3 \
       --expt-relaxed-constexpr -Xcompiler -fPIC -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
-      -D__CUDA_NO_HALF2_OPERATORS__ -DWITH_CUDA -gencode arch=compute_90,code=sm_90; then
+      -D__CUDA_NO_HALF2_OPERATORS__ -gencode arch=compute_90,code=sm_90; then
     status=1
   fi
 done < <(find "$ROOT/csrc" -name '*.cu' -print0)

@@ -24,6 +24,14 @@ inline NormKind norm_kind(double q) {
   return NormKind::General;
 }
 
+// The dual norms one row-distance call computes (all from a single pass over each row).
+constexpr int kMaxNorms = 8;
+struct NormSet {
+  int count = 0;
+  double q[kMaxNorms];
+  NormKind kind[kMaxNorms];
+};
+
 template <typename acc_t>
 MMR_HD acc_t abs_val(acc_t v) { return fabs(v); }  // branch-free (signs of rows are random)
 

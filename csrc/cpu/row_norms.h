@@ -2,7 +2,6 @@
 #pragma once
 
 #include "../geometry.h"
-#include "../ops.h"
 
 #include <cstdint>
 

@@ -1,36 +1,12 @@
-"""Access to the compiled extension ``mmr_ext._C`` with a one-time warning when it is missing."""
-from __future__ import annotations
+"""The only code that touches the compiled library: ``torch.ops.mmr_ext`` loaded (:mod:`.library`),
+its fake kernels and autograd formulas registered (:mod:`.registration`), Python wrappers
+(:mod:`.ops`) and distances to rows built on demand (:mod:`.lazy_rows`)."""
+from .lazy_rows import lazy_row_distances
+from .library import HAS_CUDA, MAX_CONV_TAPS, MAX_CUDA_CANVAS_BYTES, available, native_or_warn
+from .ops import conv_transpose_fits, conv_transpose_row_distances, row_distances, topk_hinge
 
-import warnings
+if available():
+    from . import registration  # noqa: F401
 
-try:
-    from .. import _C  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised only on broken installs
-    _C = None
-    _IMPORT_ERROR = error
-else:
-    _IMPORT_ERROR = None
-
-_warned = False
-
-
-def available() -> bool:
-    """True when the compiled extension imported."""
-    return _C is not None
-
-
-def native_or_warn() -> bool:
-    """True when the native path can run; otherwise warns once that the reference is used."""
-    global _warned
-    if _C is not None:
-        return True
-    if not _warned:
-        warnings.warn(f"mmr_ext: the compiled extension mmr_ext._C could not be imported ({_IMPORT_ERROR}); "
-                      "falling back to the pure-PyTorch reference (slow). Reinstall with "
-                      "`pip install --no-build-isolation .`", RuntimeWarning, stacklevel=3)
-        _warned = True
-    return False
-
-
-from .ops import (conv_transpose_fits, conv_transpose_row_distances, lazy_row_distances,  # noqa: E402
-                  row_distances, topk_hinge)
+__all__ = ["HAS_CUDA", "MAX_CONV_TAPS", "MAX_CUDA_CANVAS_BYTES", "available", "conv_transpose_fits",
+           "conv_transpose_row_distances", "lazy_row_distances", "native_or_warn", "row_distances", "topk_hinge"]

@@ -1,13 +1,15 @@
-// C++ unit tests (ctest) of the shared arithmetic in csrc/geometry.h and the CPU ops.
+// C++ unit tests (ctest) of the shared arithmetic in csrc/geometry.h and of the CPU kernels, called
+// through the dispatcher as torch.ops.mmr_ext registered them.
 #include "conv_rows.h"
 #include "geometry.h"
-#include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdio>
-#include <initializer_list>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -33,15 +35,13 @@ double norm_of(const std::vector<double>& v, double q) {
   return mmr::norm_from_stats<double>(kind, st, general, q);
 }
 
-mmr::NormSet norm_set(std::initializer_list<double> qs) {
-  mmr::NormSet norms;
-  for (double q : qs) {
-    norms.q[norms.count] = q;
-    norms.kind[norms.count] = mmr::norm_kind(q);
-    ++norms.count;
-  }
-  return norms;
+// The registered op mmr_ext::<name> with the C++ signature of its schema.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
+
+using Pair = std::tuple<at::Tensor, at::Tensor>;
 
 void test_norms() {
   const std::vector<double> v = {3.0, -4.0, 0.0, 1.0};
@@ -75,7 +75,9 @@ void test_distances_and_hinge() {
 void test_cpu_ops() {
   at::Tensor rows = at::tensor({3.0, 4.0, 0.0, 0.0, 1.0, -1.0}, at::kDouble).reshape({1, 3, 2});
   at::Tensor f = at::tensor({5.0, 2.0, -1.0, 10.0, 0.0, 3.0}, at::kDouble).reshape({2, 3});
-  auto [dist, norm] = mmr::row_distances_cpu(f, rows, norm_set({2.0, 1.0}), false);
+  auto [dist, norm] = op<Pair(const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, bool)>(
+                          "mmr_ext::row_distances")
+                          .call(f, rows, {2.0, 1.0}, false);
   expect_near(norm[0][0][0].item<double>(), 5.0, 1e-15, "shared row norm");
   expect_near(norm[1][0][0].item<double>(), 7.0, 1e-15, "second norm from the same pass");
   expect_near(dist[0][0][0].item<double>(), 1.0, 1e-15, "distance sample 0");
@@ -85,12 +87,14 @@ void test_cpu_ops() {
   expect_near(dist[1][1][0].item<double>(), 10.0 / 7.0, 1e-15, "l1 dual distance");
 
   at::Tensor d = at::tensor({0.5, 0.1, 0.1, 2.0, 0.3}, at::kDouble).reshape({1, 5});
-  auto [value, index] = mmr::topk_hinge_cpu(d, 3, 1.0);
+  auto [value, index] = op<Pair(const at::Tensor&, int64_t, double)>("mmr_ext::topk_hinge").call(d, 3, 1.0);
   expect_near(index[0][0].item<int64_t>(), 1, 0, "top-k first index (tie -> smaller index)");
   expect_near(index[0][1].item<int64_t>(), 2, 0, "top-k second index");
   expect_near(index[0][2].item<int64_t>(), 4, 0, "top-k third index");
   expect_near(value[0].item<double>(), (0.9 + 0.9 + 0.7) / 3.0, 1e-15, "top-k hinge mean");
-  at::Tensor grad = mmr::topk_hinge_backward_cpu(at::ones({1}, at::kDouble), d, index, 1.0);
+  at::Tensor grad = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>(
+                        "mmr_ext::topk_hinge_backward")
+                        .call(at::ones({1}, at::kDouble), d, index, 1.0);
   expect_near(grad[0][1].item<double>(), -1.0 / 3.0, 1e-15, "top-k grad selected");
   expect_near(grad[0][0].item<double>(), 0.0, 0, "top-k grad unselected");
 }
@@ -127,7 +131,12 @@ void test_conv_transpose_step() {
   maps[0][0][1][0][0] = 1.0;
   at::Tensor weight = at::from_blob(w.data(), {g.C, g.Cin, g.kh, g.kw}, at::kDouble).clone();
   at::Tensor f = at::full({1, 1}, -3.0, at::kDouble);
-  at::Tensor dist = mmr::conv_transpose_row_distances_cpu(f, maps, at::Tensor(), weight, g, norm_set({1.0}));
+  using IntList = c10::ArrayRef<int64_t>;
+  at::Tensor dist = op<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                  const at::Tensor&, IntList, IntList, IntList, IntList, c10::ArrayRef<double>)>(
+                        "mmr_ext::conv_transpose_row_distances")
+                        .call(f, maps, std::nullopt, weight, {g.sh, g.sw}, {g.ph, g.pw}, {g.dh, g.dw},
+                              {g.Cin, g.Hin, g.Win}, {1.0});
   double l1 = 0;  // (y, x) = (0, 0): rows i >= 1 and all columns j (0 and 2) are inside
   for (int64_t cin = 0; cin < g.Cin; ++cin) {
     for (int64_t i = 1; i < g.kh; ++i) {

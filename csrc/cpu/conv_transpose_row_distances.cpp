@@ -1,12 +1,14 @@
-// CPU backend of conv_transpose_row_distances (geometry in ../conv_rows.h, norms in row_norms.h).
+// CPU kernel of conv_transpose_row_distances (geometry in ../conv_rows.h, dual norms in
+// row_norms.h, argument checks in ../checks.h).
+#include "../checks.h"
 #include "../conv_rows.h"
-#include "../ops.h"
 #include "row_norms.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -30,11 +32,17 @@ void row_canvas(const ConvGeometry& g, const scalar_t* row, const int64_t* strid
   }
 }
 
-}  // namespace
-
-at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& mask,
-                                            const at::Tensor& weight_in, const ConvGeometry& g, const NormSet& norms) {
+at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Tensor& maps,
+                                            const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
+                                            c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+                                            c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> in_shape,
+                                            c10::ArrayRef<double> qs) {
+  const ConvStep step =
+      check_conv_transpose_row_distances(f_in, maps, mask_in, weight_in, stride, padding, dilation, in_shape, qs);
+  const ConvGeometry& g = step.geometry;
+  const NormSet& norms = step.norms;
   const at::Tensor f = f_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor mask = mask_in.value_or(at::Tensor());
   const int64_t n = maps.size(0), R = maps.size(1), T = taps_of(g), D = input_size_of(g);
   const int Q = norms.count;
   at::Tensor dist = at::empty({Q, n, R}, f.options());
@@ -72,5 +80,9 @@ at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Te
   });
   return dist;
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmr_ext, CPU, m) { m.impl("conv_transpose_row_distances", &conv_transpose_row_distances_cpu); }
 
 }  // namespace mmr

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext.native import ops
-from mmr_ext.native import available
+from mmr_ext.math.norms import dual_exponent
+from mmr_ext.native import available, ops
 from oracles import (MODELS, NORMS, assert_distances_close, distances_and_grads, dual_norm,
                       gradcheck_distances, make_model)
 
@@ -27,7 +27,7 @@ def _rows(shared: bool, dtype=torch.float64, B=4, R=7, D=13, seed=0):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("is_signed", [False, True])
 def test_row_distances_match_definition(p, shared, is_signed):
-    q = mmr_ext.math.norms.dual_exponent(p)
+    q = dual_exponent(p)
     f, rows = _rows(shared)
     dist, norm = (t[0] for t in ops.row_distances(f, rows, [q], is_signed))
     expected_norm = dual_norm(rows, p)  # dual_norm takes the primal p
@@ -40,7 +40,7 @@ def test_row_distances_match_definition(p, shared, is_signed):
 
 @pytest.mark.parametrize("p", NORMS)
 def test_row_distances_float32(p):
-    q = mmr_ext.math.norms.dual_exponent(p)
+    q = dual_exponent(p)
     f, rows = _rows(False, torch.float32)
     dist = ops.row_distances(f, rows, [q])[0][0]
     ref = ops.row_distances(f.double(), rows.double(), [q])[0][0]
@@ -52,7 +52,7 @@ def test_row_distances_float32(p):
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("is_signed", [False, True])
 def test_row_distances_gradcheck(p, shared, is_signed):
-    q = mmr_ext.math.norms.dual_exponent(p)
+    q = dual_exponent(p)
     f, rows = _rows(shared, R=5, D=6)
     rows[:, 2] = torch.randn(rows.shape[0], 6, dtype=torch.float64)  # gradcheck needs finite outputs
     f.requires_grad_(True)
@@ -196,7 +196,7 @@ def test_layouts_outside_fast_path_fall_back_to_reference(layer):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("p", NORMS)
 def test_cuda_matches_cpu(p):
-    q = mmr_ext.math.norms.dual_exponent(p)
+    q = dual_exponent(p)
     for shared in (False, True):
         f, rows = _rows(shared, torch.float32, B=9, R=300, D=77)
         dist = ops.row_distances(f, rows, [q, 2.0])[0]

@@ -1,9 +1,10 @@
-// CUDA backend of conv_transpose_row_distances (geometry in ../conv_rows.h, dual norms in
-// ../geometry.h). Launch shape: one block per row; the row's input-space canvas lives in shared
-// memory, each thread scatters the taps of some output positions into it (atomic adds), then the
-// block reduces the canvas to its norm statistics. The rows never reach global memory.
+// CUDA kernel of conv_transpose_row_distances (geometry in ../conv_rows.h, dual norms in
+// ../geometry.h, argument checks in ../checks.h). Launch shape: one block per row; the row's
+// input-space canvas lives in shared memory, each thread scatters the taps of some output positions
+// into it (atomic adds), then the block reduces the canvas to its norm statistics. The rows never
+// reach global memory.
+#include "../checks.h"
 #include "../conv_rows.h"
-#include "../ops.h"
 #include "reductions.cuh"
 
 #include <ATen/AccumulateType.h>
@@ -11,6 +12,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 namespace mmr {
 
@@ -86,12 +88,18 @@ __global__ void conv_transpose_row_distances_kernel(const scalar_t* __restrict__
   }
 }
 
-}  // namespace
-
-at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::Tensor& maps, const at::Tensor& mask,
-                                             const at::Tensor& weight_in, const ConvGeometry& g, const NormSet& norms) {
+at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::Tensor& maps,
+                                             const std::optional<at::Tensor>& mask_in, const at::Tensor& weight_in,
+                                             c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+                                             c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> in_shape,
+                                             c10::ArrayRef<double> qs) {
+  const ConvStep step =
+      check_conv_transpose_row_distances(f_in, maps, mask_in, weight_in, stride, padding, dilation, in_shape, qs);
+  const ConvGeometry& g = step.geometry;
+  const NormSet& norms = step.norms;
   const c10::cuda::CUDAGuard guard(maps.device());
   const at::Tensor f = f_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor mask = mask_in.value_or(at::Tensor());
   const int64_t n = maps.size(0), R = maps.size(1);
   at::Tensor dist = at::empty({norms.count, n, R}, f.options());
   if (n * R == 0) return dist;
@@ -115,5 +123,9 @@ at::Tensor conv_transpose_row_distances_cuda(const at::Tensor& f_in, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dist;
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmr_ext, CUDA, m) { m.impl("conv_transpose_row_distances", &conv_transpose_row_distances_cuda); }
 
 }  // namespace mmr

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import mmr_ext
 from mmr_ext.geometry import reverse_rows, steps
-from mmr_ext.native import ops
-from mmr_ext.native import available
+from mmr_ext.native import available, ops
 from oracles import assert_distances_close, make_model
 
 pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")

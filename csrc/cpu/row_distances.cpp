@@ -1,23 +1,26 @@
-// CPU backend of the row-distance and top-k hinge ops (arithmetic in ../geometry.h).
+// CPU kernels of row_distances and row_distances_backward (arithmetic in ../geometry.h, dual norms
+// in row_norms.h, argument checks in ../checks.h).
+#include "../checks.h"
 #include "../geometry.h"
-#include "../ops.h"
 #include "row_norms.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
-#include <vector>
+#include <tuple>
 
 namespace mmr {
 
+namespace {
+
 std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, const at::Tensor& rows_in,
-                                                     const NormSet& norms, bool is_signed) {
+                                                     c10::ArrayRef<double> qs, bool is_signed) {
+  const NormSet norms = check_row_distances(f_in, rows_in, qs);
   const at::Tensor f = f_in.contiguous();
   const at::Tensor rows = rows_in.contiguous();
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
@@ -53,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, con
 
 std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& rows_in, const at::Tensor& dist_in,
-    const at::Tensor& norm_in, const NormSet& norms, bool is_signed) {
+    const at::Tensor& norm_in, c10::ArrayRef<double> qs, bool is_signed) {
+  const NormSet norms = check_row_distances_backward(grad_in, f_in, rows_in, dist_in, norm_in, qs);
   const at::Tensor grad = grad_in.contiguous(), f = f_in.contiguous(), rows = rows_in.contiguous();
   const at::Tensor dist = dist_in.contiguous(), norm = norm_in.contiguous();
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
@@ -120,62 +124,11 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
   return {grad_f, grad_rows};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_hinge_cpu(const at::Tensor& dist_in, int64_t k, double gamma) {
-  const at::Tensor dist = dist_in.contiguous();
-  const int64_t B = dist.size(0), N = dist.size(1);
-  at::Tensor value = at::empty({B}, dist.options());
-  at::Tensor index = at::empty({B, k}, dist.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "topk_hinge_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t* dp = dist.data_ptr<scalar_t>();
-    scalar_t* vp = value.data_ptr<scalar_t>();
-    int64_t* ip = index.data_ptr<int64_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> order(N);
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* row = dp + b * N;
-        std::iota(order.begin(), order.end(), int64_t(0));
-        const auto before = [row](int64_t a, int64_t c) {
-          return ranks_before<acc_t>(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[c]), c);
-        };
-        // linear-time selection of the k smallest, then a sort of those k only (k is often N/5)
-        std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
-        std::sort(order.begin(), order.begin() + k, before);
-        acc_t total = 0;
-        for (int64_t i = 0; i < k; ++i) {
-          ip[b * k + i] = order[i];
-          total += hinge<acc_t>(static_cast<acc_t>(row[order[i]]), static_cast<acc_t>(gamma));
-        }
-        vp[b] = static_cast<scalar_t>(total / static_cast<acc_t>(k));
-      }
-    });
-  });
-  return {value, index};
-}
+}  // namespace
 
-at::Tensor topk_hinge_backward_cpu(const at::Tensor& grad_in, const at::Tensor& dist_in,
-                                   const at::Tensor& index_in, double gamma) {
-  const at::Tensor grad = grad_in.contiguous(), dist = dist_in.contiguous(), index = index_in.contiguous();
-  const int64_t B = dist.size(0), N = dist.size(1), k = index.size(1);
-  at::Tensor grad_dist = at::zeros_like(dist);
-  AT_DISPATCH_FLOATING_TYPES(dist.scalar_type(), "topk_hinge_backward_cpu", [&] {
-    using acc_t = at::acc_type<scalar_t, false>;
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    const scalar_t* dp = dist.data_ptr<scalar_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
-    scalar_t* out = grad_dist.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const acc_t g = static_cast<acc_t>(gp[b]) / static_cast<acc_t>(k);
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t j = ip[b * k + i];
-          out[b * N + j] = static_cast<scalar_t>(g * hinge_grad<acc_t>(static_cast<acc_t>(dp[b * N + j]),
-                                                                        static_cast<acc_t>(gamma)));
-        }
-      }
-    });
-  });
-  return grad_dist;
+TORCH_LIBRARY_IMPL(mmr_ext, CPU, m) {
+  m.impl("row_distances", &row_distances_cpu);
+  m.impl("row_distances_backward", &row_distances_backward_cpu);
 }
 
 }  // namespace mmr

@@ -1,0 +1,71 @@
+"""Distances to rows built on demand: an autograd.Function over callables that build the rows,
+with the native row-distance ops inside."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class _LazyRowDistances(torch.autograd.Function):
+    """Distances to rows that are never stored: the forward builds all rows without autograd,
+    ``chunk`` samples at a time; the backward rebuilds, with autograd, only the rows whose distance
+    received a nonzero gradient (after a top-k selection, a small subset)."""
+
+    @staticmethod
+    def forward(ctx, f, rows_fn, distances_fn, qs, chunk, *tensors):
+        B = f.shape[0]
+        parts = []
+        with torch.no_grad():
+            for start in range(0, B, chunk):
+                samples = torch.arange(start, min(B, start + chunk), device=f.device)
+                f_chunk = f[start:start + chunk].contiguous()
+                parts.append(distances_fn(samples, f_chunk, qs, tensors))
+        ctx.save_for_backward(f, *tensors)
+        ctx.rows_fn, ctx.qs, ctx.chunk = rows_fn, qs, chunk
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_dist):
+        f, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad[5:]
+        grads = [None] * len(tensors)
+        grad_f = torch.zeros_like(f)
+        pairs = (grad_dist != 0).any(dim=0).nonzero()  # [S, 2]: (sample, unit) with a gradient
+        # rebuilt with autograd, a pair keeps about four row-sized intermediates alive: a quarter of
+        # the forward's rows per pass keeps the backward's peak near the forward's
+        step = max(1, ctx.chunk * f.shape[1] // 4)
+        for start in range(0, pairs.shape[0], step):
+            b, u = pairs[start:start + step].unbind(1)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, need)]
+                rows = ctx.rows_fn(b, u, leaves)  # [S, D]
+            f_sub = f[b, u][None].contiguous()
+            rows_sub = rows.detach()[None].contiguous()
+            dist, norm = torch.ops.mmr_ext.row_distances(f_sub, rows_sub, ctx.qs, False)
+            g_f, g_rows = torch.ops.mmr_ext.row_distances_backward(grad_dist[:, b, u][:, None].contiguous(), f_sub,
+                                                                   rows_sub, dist, norm, ctx.qs, False)
+            grad_f[b, u] = g_f[0]
+            if any(need):
+                wanted = [i for i, n in enumerate(need) if n]
+                got = torch.autograd.grad(rows, [leaves[i] for i in wanted], g_rows[0], allow_unused=True)
+                for i, g in zip(wanted, got):
+                    if g is not None:
+                        grads[i] = g if grads[i] is None else grads[i] + g
+        return (grad_f, None, None, None, None, *grads)
+
+
+def lazy_row_distances(f: torch.Tensor, rows_fn: Callable, distances_fn: Callable, tensors: Sequence[torch.Tensor],
+                       qs: Sequence[float], chunk: int) -> torch.Tensor:
+    """Unsigned distances ``|f| / ||row||_q`` [Q, B, R] to rows that are built on demand.
+
+    The forward calls ``distances_fn(samples, f_chunk, qs, tensors)`` for the distances [Q, n, R]
+    of all rows of ``chunk`` samples at a time, without autograd; the backward calls
+    ``rows_fn(samples, units, tensors)`` for the rows [S, D] of the (sample, unit) pairs whose
+    distance got a gradient, with autograd. Both compute from ``tensors`` only, so that gradients
+    reach them. Peak memory: the rows of ``chunk`` samples. Differentiable once, in f and tensors.
+    """
+    return _LazyRowDistances.apply(f.contiguous(), rows_fn, distances_fn, [float(q) for q in qs], int(chunk),
+                                   *tensors)
