@@ -1,4 +1,4 @@
-"""Exact verification by mixed-integer linear programming (Tjeng, Xiao & Tedrake 2019).
+"""Exact verification by mixed-integer linear programming (Tjeng, Xiao & Tedrake 2019; docs/MATH.md §9.4).
 
 For a point x with label y and the input set S = {z : ||z - x||_p <= eps, lo <= z <= hi}
 (p = inf or 1), the network is encoded exactly: every hidden unit with pre-activation bounds

@@ -1,4 +1,5 @@
-"""Casting float64 results to a narrower dtype without enlarging them (certified radii, distances)."""
+"""Casting float64 results to a narrower dtype without enlarging them (certified radii,
+distances; docs/MATH.md §12)."""
 from __future__ import annotations
 
 import math

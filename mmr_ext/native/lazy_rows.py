@@ -1,5 +1,5 @@
 """Distances to rows built on demand: an autograd.Function over callables that build the rows,
-with the native row-distance ops inside."""
+with the native row-distance ops inside (docs/MATH.md §13)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence

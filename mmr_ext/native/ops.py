@@ -1,4 +1,5 @@
-"""The native ops as Python functions: ``torch.ops.mmr_ext.*`` with normalised arguments.
+"""The native ops as Python functions: ``torch.ops.mmr_ext.*`` with normalised arguments
+(docs/MATH.md §2 distances, §6 top-k hinge, §13 the fused conv step).
 
 Differentiable through the autograd formulas in :mod:`mmr_ext.native.registration`.
 """

@@ -1,4 +1,4 @@
-"""Layers that mmr_ext adds to the ones torch provides."""
+"""Layers that mmr_ext adds to the ones torch provides (input normalisation: docs/MATH.md §1)."""
 from __future__ import annotations
 
 from typing import Sequence, Union

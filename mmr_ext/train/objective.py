@@ -1,5 +1,5 @@
 """The training objective of every mode as a module (so that DDP can wrap it), and the adversarial
-batch of the AT modes."""
+batch of the AT modes (docs/MATH.md §6)."""
 from __future__ import annotations
 
 import torch
