@@ -44,6 +44,9 @@ def check_input(model: nn.Module, x: torch.Tensor, name: str = "x") -> None:
     if out.dim() != 2:
         raise ValueError(f"the model must output logits [B, K], got shape {tuple(out.shape)} for "
                          f"{name} of shape {tuple(x.shape)}")
+    if out.shape[1] < 2:
+        raise ValueError(f"the model must have at least 2 classes, got {out.shape[1]}: a one-class model "
+                         "has no decision boundary to be robust against")
 
 
 def check_chunk_size(chunk_size, unit: str = "samples per pass") -> None:

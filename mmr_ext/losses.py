@@ -14,20 +14,28 @@ from .geometry import MemoryBudget, compute_geometry
 from .math.topk_hinge import hinge, topk_hinge_mean_reference
 from .native import native_or_warn
 
-KSpec = Union[int, float]
+KSpec = Union[int, float, str]
 SELECTIONS = ("per_norm", "union")
 
 
 def resolve_k(k: KSpec, n: int, name: str) -> int:
-    """An int k is a count in [1, n]; a float in (0, 1] is a fraction of n (at least 1)."""
+    """An int k is a count in [1, n]; a float in (0, 1) is a fraction of n (at least 1); 'all' is n.
+
+    A float 1.0 is refused: next to the count 1 it reads as "one hyperplane" but would mean all of
+    them (docs/MATH.md §6)."""
+    if isinstance(k, str) and k == "all":
+        return n
     if isinstance(k, bool) or not isinstance(k, (Integral, Real)):
-        raise TypeError(f"{name} must be an int count or a float fraction in (0, 1], got {k!r}")
+        raise TypeError(f"{name} must be an int count, a float fraction in (0, 1) or 'all', got {k!r}")
     if isinstance(k, Integral):
         if not 1 <= k <= n:
             raise ValueError(f"{name} must be in [1, {n}] (the number of candidate hyperplanes), got {k}")
         return int(k)
-    if not 0 < k <= 1:
-        raise ValueError(f"{name} as a fraction must be in (0, 1], got {k}")
+    if k == 1:
+        raise ValueError(f"{name}=1.0 is ambiguous: pass {name}=1 for one hyperplane, {name}='all' for all "
+                         f"{n}, or a fraction in (0, 1)")
+    if not 0 < k < 1:
+        raise ValueError(f"{name} as a fraction must be in (0, 1), got {k}")
     return max(1, min(n, int(round(k * n))))
 
 
@@ -86,8 +94,6 @@ def _universal(model, x, y, k_boundary, gamma, lam, selection, chunk_size):
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     check_chunk_size(chunk_size)
     ((b1, d1), (binf, dinf)), logits = compute_geometry(model, x, (1, math.inf), y, MemoryBudget(chunk_size))
-    if logits.shape[1] < 2:
-        raise ValueError(f"the model must have at least 2 classes, got {logits.shape[1]}")
     k = resolve_k(k_boundary, b1.shape[1], "k_boundary")
     boundary_term, decision_term = _universal_terms(b1, d1, binf, dinf, k, gamma, lam, selection)
     return boundary_term, decision_term, logits
@@ -135,8 +141,6 @@ def _kmmr(model, x, y, p, k_boundary, k_decision, gamma_boundary, gamma_decision
     check_chunk_size(chunk_size)
     ((boundary, decision),), logits = compute_geometry(model, x, (p,), y, MemoryBudget(chunk_size))
     K = logits.shape[1]
-    if K < 2:
-        raise ValueError(f"the model must have at least 2 classes, got {K}")
     kb = resolve_k(k_boundary, boundary.shape[1], "k_boundary")
     if isinstance(k_decision, Integral) and not isinstance(k_decision, bool) and k_decision == K:
         k_decision = K - 1  # the paper's kD = K counts the (infinitely far) true class itself

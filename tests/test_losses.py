@@ -131,8 +131,12 @@ def test_loss_argument_errors():
         mmr_ext.universal_loss(model, x, y, k_boundary=0, **kw)
     with pytest.raises(ValueError, match=r"k_boundary must be in \[1, 16\]"):
         mmr_ext.universal_loss(model, x, y, k_boundary=17, **kw)
-    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
         mmr_ext.universal_loss(model, x, y, k_boundary=1.5, **kw)
+    with pytest.raises(ValueError, match="k_boundary=1.0 is ambiguous"):
+        mmr_ext.universal_loss(model, x, y, k_boundary=1.0, **kw)
+    with pytest.raises(TypeError, match="or 'all'"):
+        mmr_ext.universal_loss(model, x, y, k_boundary="half", **kw)
     with pytest.raises(ValueError, match=r"gamma\[1\] must be a positive"):
         mmr_ext.universal_loss(model, x, y, k_boundary=3, gamma=(1.0, 0.0), lam=(1, 1))
     with pytest.raises(ValueError, match=r"lam\[0\] must be a non-negative"):
@@ -149,3 +153,14 @@ def test_loss_argument_errors():
         mmr_ext.mmr_loss(model, x, y, p=2, k_boundary=3, k_decision=6, gamma_boundary=1, gamma_decision=1, lam=1)
     with pytest.raises(ValueError, match="lam must be a non-negative"):
         mmr_ext.mmr_loss(model, x, y, p=2, k_boundary=3, k_decision=2, gamma_boundary=1, gamma_decision=1, lam=-2)
+
+
+def test_k_all_and_count_one_differ_and_all_equals_the_count_of_every_hyperplane():
+    """k='all' means every hidden unit, the int 1 the closest one; the float 1.0, which read as either,
+    is refused (above)."""
+    model, x = make_model("fc")
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    kw = dict(gamma=(1.0, 0.1), lam=(1.0, 1.0))
+    every = mmr_ext.universal_loss(model, x, y, k_boundary="all", **kw)
+    assert torch.equal(every, mmr_ext.universal_loss(model, x, y, k_boundary=16, **kw))  # fc: 9 + 7 units
+    assert not torch.equal(every, mmr_ext.universal_loss(model, x, y, k_boundary=1, **kw))

@@ -41,6 +41,7 @@ from ..math.box_support import support_min
 from ..math.norms import parse_norm
 from ..nn.adapters import adapter_of
 from ..nn.chain import AffineBlock, parse_model
+from .prediction import reliably_correct
 
 __all__ = ["BoundedNetwork", "layer_bounds", "margin_bounds", "certified_by_bounds", "support_min"]
 
@@ -380,8 +381,11 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, e
 def certified_by_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps,
                         lo: float = 0.0, hi: float = 1.0, alpha_steps: int = 0) -> torch.Tensor:
     """bool [B]: bound propagation proves that every z with ||z - x||_p <= eps in the box is
-    classified as y (all margin lower bounds exceed a float64 rounding allowance)."""
+    classified as y (all margin lower bounds exceed a float64 rounding allowance), and the model
+    classifies x itself as y in its own dtype beyond rounding (:func:`reliably_correct`)."""
     lb = margin_bounds(model, x, y, norm=norm, eps=eps, lo=lo, hi=hi, alpha_steps=alpha_steps)
     finite = torch.where(torch.isfinite(lb), lb, torch.zeros_like(lb))
     slack = 1e-9 * (1.0 + finite.abs().amax(1))
-    return (lb > slack[:, None]).all(1)
+    with torch.no_grad():
+        correct = reliably_correct(model, x, y.to(x.device).long())
+    return (lb > slack[:, None]).all(1) & correct

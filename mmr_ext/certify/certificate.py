@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
-from ..math.norms import dual_exponent
+from ..math.norms import exponent
 from ..math.rounding import round_down
 from ..math.universal_radius import universal_radius
 
@@ -54,7 +54,7 @@ class Certificate:
         points. It ignores the box and the neighbouring regions (see the module docstring), so for
         a p in ``norms`` it never exceeds ``radius[p]`` computed without them.
         """
-        dual_exponent(p)
+        p = exponent(p)
         if self.input_dim == 1:  # every lp-norm is |.| in one dimension
             value = torch.maximum(self.rho1, self.rho_inf)
         else:
@@ -84,10 +84,10 @@ class Certificate:
             raise TypeError("eps must be a non-empty dict {p: epsilon}")
         parsed = {}
         for p, e in eps.items():
-            dual_exponent(p)
+            key = exponent(p)
             if isinstance(e, bool) or not isinstance(e, Real) or math.isnan(float(e)) or float(e) < 0:
                 raise ValueError(f"eps[{p}] must be a number >= 0, got {e!r}")
-            parsed[float(p)] = float(e)
+            parsed[key] = float(e)
         union_r = torch.ones_like(self.correct)
         union_u = torch.ones_like(self.correct)
         out: Dict[str, object] = {"radius": {}, "union": None, "universal": {}, "union_universal": 0.0}

@@ -22,27 +22,28 @@ from torch import nn
 
 from ..checks import check_input, check_labels
 from ..geometry import compute_geometry, to_float64
-from ..math.norms import dual_exponent
+from ..math.norms import dual_exponent, exponent
 from ..math.rounding import round_down
 from ..nn.chain import parse_model
 from .certificate import Certificate
 from .neighbors import Point, search
+from .prediction import reliably_correct
 
 _CHUNK = 256             # points per call of the batched region geometry
 
 
 def check_norms(norms) -> Tuple[float, ...]:
-    if isinstance(norms, (Real, torch.Tensor)) and not isinstance(norms, bool):
+    if isinstance(norms, (Real, torch.Tensor, str)) and not isinstance(norms, bool):
         norms = (norms,)
-    if isinstance(norms, (str, bytes)) or not isinstance(norms, Iterable):
+    if isinstance(norms, bytes) or not isinstance(norms, Iterable):
         raise TypeError(f"norms must be a sequence of p >= 1 (e.g. (1, 2, math.inf)), got {norms!r}")
     out: List[float] = []
     for p in norms:
         if isinstance(p, torch.Tensor) and p.numel() == 1:
             p = p.item()
-        dual_exponent(p)
-        if float(p) not in out:
-            out.append(float(p))
+        p = exponent(p)
+        if p not in out:
+            out.append(p)
     if not out:
         raise ValueError("norms must not be empty")
     return tuple(out)
@@ -114,15 +115,17 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
 
     Returns:
         :class:`Certificate` with ``radius[p]`` and ``exact[p]`` ([B], in x's dtype, rounded
-        toward zero), ``correct``, ``universal(p)`` and ``fraction_certified(eps)``.
+        toward zero), ``correct``, ``universal(p)`` and ``fraction_certified(eps)``. A point
+        counts as correct (and gets a positive radius) only when the model predicts its label in
+        its own dtype and in float64 with a margin above rounding (docs/MATH.md §12).
     """
     norms = check_norms(norms)
     neighbors = check_neighbors(neighbors)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}")
+    parse_model(model)  # clear errors before the model runs (e.g. BatchNorm in train mode)
     check_input(model, x)
     model64 = to_float64(model)
-    parse_model(model64)
     x64 = x.detach().to(torch.float64)
     B, d = x64.shape[0], x64[0].numel()
     K = model64(x64[:1]).shape[1]
@@ -139,7 +142,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     for start in tqdm(range(0, B, _CHUNK), desc="certify: regions", disable=not progress):
         sl = slice(start, min(start + _CHUNK, B))
         geometry, logits = compute_geometry(model64, x64[sl], all_norms, labels=y[sl])
-        ok = logits.argmax(dim=1) == y[sl]
+        ok = reliably_correct(model, x[sl], y[sl], logits)
         correct[sl] = ok
         for p, (boundary, decision) in zip(all_norms, geometry):
             dB = boundary.amin(dim=1) if boundary.shape[1] else torch.full_like(ok, math.inf, dtype=torch.float64)

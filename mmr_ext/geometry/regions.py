@@ -188,6 +188,7 @@ def region_geometry(model: nn.Module, x: torch.Tensor, pattern: Optional[Pattern
     Returns:
         :class:`RegionGeometry` with the rows and offsets of every hidden unit and of the logits.
     """
+    parse_model(model)  # clear errors before the model runs (e.g. BatchNorm in train mode)
     check_input(model, x)
     model64 = to_float64(model)
     chain = parse_model(model64)

@@ -28,7 +28,7 @@ from typing import Tuple, Union
 
 import torch
 
-from .norms import dual_exponent
+from .norms import dual_exponent, exponent
 from .rounding import round_down
 
 Radius = Union[float, torch.Tensor]
@@ -101,6 +101,7 @@ def finish_radius(value64: torch.Tensor, spec) -> Radius:
 
 def prepare_radii(a, b, names, p, d):
     """Validated float64 radii (broadcast), p, its dual q, d and the output spec of a radius function."""
+    p = exponent(p)
     q = dual_exponent(p)
     d = _check_dim(d)
     spec = _output_spec((a, b), names)
@@ -112,7 +113,7 @@ def prepare_radii(a, b, names, p, d):
     except RuntimeError:
         raise ValueError(f"{names[0]} of shape {tuple(ta.shape)} and {names[1]} of shape "
                          f"{tuple(tb.shape)} do not broadcast") from None
-    return ta, tb, float(p), q, d, spec
+    return ta, tb, p, q, d, spec
 
 
 # ---------------------------------------------------------------------------------------------

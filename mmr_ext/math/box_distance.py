@@ -38,7 +38,7 @@ from .box_distance_l1 import solve_l1
 from .box_distance_l2 import solve_l2, solve_linf
 from .box_distance_lp import solve_lp
 from .distances import row_norms, safe_distance
-from .norms import dual_exponent
+from .norms import dual_exponent, exponent
 from .rounding import round_down
 
 __all__ = ["box_distance", "box_closest_point", "box_min_distance"]
@@ -89,8 +89,8 @@ def _pairs_per_block(d: int, chunk_size: Optional[int]) -> int:
 
 
 def _prepare(w, b, x, p, lo, hi):
+    p = exponent(p)
     q = dual_exponent(p)
-    p = float(p)
     w, b, x = _check_tensor(w, "w"), _check_tensor(b, "b"), _check_tensor(x, "x")
     if w.dim() != 2:
         raise ValueError(f"w must have shape [M, d], got {tuple(w.shape)}")

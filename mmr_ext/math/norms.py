@@ -5,13 +5,30 @@ import math
 from numbers import Real
 
 
-def dual_exponent(p) -> float:
-    """Validates the norm exponent p >= 1 (inf allowed) and returns its dual q (1/p + 1/q = 1)."""
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"p must be a real number >= 1 or float('inf'), got {p!r}")
+def exponent(p) -> float:
+    """The norm exponent p >= 1 as a float, from a number (inf allowed) or a name: 'l1', 'l2',
+    'linf' (also 'inf', 'l∞', ...) or 'l<p>' such as 'l1.5'."""
+    given = p
+    if isinstance(p, str):
+        key = p.strip().lower()
+        if key in NORM_NAMES:
+            return NORM_NAMES[key]
+        try:
+            p = float(key[1:] if key.startswith("l") else key)
+        except ValueError:
+            raise ValueError(f"p must be a number >= 1, float('inf') or a name such as 'l1', 'l2', 'linf', "
+                             f"got {given!r}") from None
+    elif isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"p must be a real number >= 1, float('inf') or a name such as 'l2', got {p!r}")
     p = float(p)
     if math.isnan(p) or p < 1:
-        raise ValueError(f"p must be >= 1 (or float('inf')), got {p}")
+        raise ValueError(f"p must be >= 1 (or float('inf')), got {given!r}")
+    return p
+
+
+def dual_exponent(p) -> float:
+    """Validates the norm exponent p (see :func:`exponent`) and returns its dual q (1/p + 1/q = 1)."""
+    p = exponent(p)
     if p == 1:
         return math.inf
     if math.isinf(p):

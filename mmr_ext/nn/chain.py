@@ -12,7 +12,7 @@ from typing import Iterator, List, Tuple
 import torch
 from torch import nn
 
-from .adapters import adapter_for, adapter_of
+from .adapters import ADAPTERS, adapter_for, adapter_of
 
 _SKIPPED = (nn.Identity, nn.Dropout)
 _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
@@ -58,12 +58,26 @@ def activation_mask(f: torch.Tensor, slope: float) -> torch.Tensor:
     return torch.where(f > 0, torch.ones_like(f), torch.full_like(f, slope))
 
 
+def _check_forward(path: str, module: nn.Module, kinds: Tuple[type, ...]) -> None:
+    """Refuses a module whose class overrides the forward of the supported type it derives from:
+    what is analysed must be the function the model computes (docs/MATH.md §12)."""
+    base = next((k for k in type(module).__mro__ if k in kinds), None)
+    if base is not None and type(module).forward is not base.forward:
+        where = "the model" if not path else f"layer '{path}'"
+        raise NotImplementedError(
+            f"{where} ({type(module).__name__}) subclasses {base.__name__} but overrides forward: mmr_ext "
+            f"would analyse the plain {base.__name__} instead of what your forward computes; use the "
+            "plain layer types (a traced analysis of custom forwards is not supported yet)")
+
+
 def _leaves(module: nn.Module, prefix: str) -> Iterator[Tuple[str, nn.Module]]:
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, nn.Sequential):
+            _check_forward(path, child, (nn.Sequential,))
             yield from _leaves(child, path)
         else:
+            _check_forward(path, child, _SKIPPED + _ACTIVATIONS + tuple(ADAPTERS))
             yield path, child
 
 
@@ -81,12 +95,13 @@ def parse_model(model: nn.Module) -> Chain:
     """Turns a supported ``nn.Sequential`` (nested Sequentials allowed) into a :class:`Chain`.
 
     Raises ``NotImplementedError`` naming the layer and its position for unsupported layers
-    (MaxPool, Sigmoid, ...) and ``ValueError`` for unusable configurations (not a Sequential,
+    (MaxPool, Sigmoid, ..., and subclasses of supported types that override ``forward``) and ``ValueError`` for unusable configurations (not a Sequential,
     train-mode BatchNorm/Dropout, a network that does not end with an affine layer).
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"model must be a torch.nn.Sequential of supported layers, got "
                          f"{type(model).__name__}")
+    _check_forward("", model, (nn.Sequential,))
     blocks: List[AffineBlock] = []
     slopes: List[float] = []
     layers: List[nn.Module] = []

@@ -30,6 +30,8 @@ class Objective(nn.Module):
         self.k_decision = num_classes if c.k_decision is None else c.k_decision
 
     def forward(self, x, y, k_boundary: float, lam_scale: float, weight: float):
+        if k_boundary is not None and k_boundary >= 1.0:  # the config's fraction 1.0: all hidden units
+            k_boundary = "all"
         if x.shape[0] == 0:  # an empty shard still takes part in the gradient all-reduce
             zero = sum(p.sum() for p in self.model.parameters()) * 0.0
             return zero, {}

@@ -15,6 +15,7 @@ from scipy.sparse import lil_matrix
 from torch import nn
 
 import mmr_ext
+from mmr_ext.attacks import margins
 from mmr_ext.certify import Certificate, certify, neighbors
 from mmr_ext.geometry.regions import activation_pattern, flip_units, region_geometry, unit_location
 
@@ -667,7 +668,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=">= 1"):
         certify(model, x, y, norms=(0.5,))
     with pytest.raises(TypeError, match="p must be"):
-        certify(model, x, y, norms=("l2",))
+        certify(model, x, y, norms=(None,))
     with pytest.raises(ValueError, match="must not be empty"):
         certify(model, x, y, norms=())
     with pytest.raises(ValueError, match="lo < hi"):
@@ -713,3 +714,49 @@ def test_box_tensor_bounds_and_progress(capsys):
     assert (cert.radius[2] >= plain.radius[2]).all()
     assert cert.box[0].shape == (x[0].numel(),)
     assert "certify" in capsys.readouterr().err
+
+
+def _near_ties(n_models=40, seed=0):
+    """float32 networks and points whose float64 margin is within float32 rounding of zero: the
+    last bias is set so that the float64 logits of the first point nearly tie."""
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for _ in range(n_models):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3)).eval()
+        x = torch.rand(1, 6, generator=g)
+        with torch.no_grad():
+            f = model.double()(x.double())[0]
+            model.float()
+            top2 = f.topk(2).indices
+            model[2].bias[top2[1]] += float(f[top2[0]] - f[top2[1]])  # float32: the tie lands within an ulp
+        cases.append((model, x, top2[0].reshape(1)))
+    return cases
+
+
+def test_float32_points_misclassified_as_run_are_never_certified():
+    """A float32 model used to be certified through its float64 copy alone: near a tie the float32
+    network misclassified x while certify reported it correct with a radius of about 1e-8."""
+    disagree = 0
+    for model, x, y in _near_ties():
+        with torch.no_grad():
+            wrong32 = bool(model(x).argmax(1) != y) or bool(margins(model(x).double(), y) <= 0)
+            wrong64 = bool(model.double()(x.double()).argmax(1) != y)
+            model.float()
+        disagree += wrong32 != wrong64
+        cert = certify(model, x, y, norms=(1, 2, math.inf))
+        bounds = mmr_ext.certified_by_bounds(model, x, y, norm=math.inf, eps=0.0)
+        if wrong32:
+            assert not cert.correct.any() and all(float(cert.radius[p]) == 0 for p in (1, 2, math.inf))
+            assert float(cert.universal(2)) == 0
+            assert not bounds.any()
+    assert disagree > 0  # the construction does produce float32/float64 disagreements
+
+
+def test_points_far_from_a_tie_keep_their_certificates_in_float32():
+    model, x = make_model("paper_cnn", dtype=torch.float32)
+    y = model(x).argmax(1)
+    cert32 = certify(model, x, y, norms=(2,))
+    cert64 = certify(model.double(), x.double(), y, norms=(2,))
+    assert cert32.correct.all() and cert64.correct.all()
+    torch.testing.assert_close(cert32.radius[2].double(), cert64.radius[2], rtol=1e-6, atol=0)

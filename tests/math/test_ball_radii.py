@@ -359,7 +359,11 @@ def test_errors(f):
     with pytest.raises(ValueError, match="p must be >= 1"):
         f(1.0, 0.1, float("nan"), 784)
     with pytest.raises(TypeError, match="p must be"):
-        f(1.0, 0.1, "2", 784)
+        f(1.0, 0.1, [2], 784)
+    with pytest.raises(ValueError, match="p must be"):
+        f(1.0, 0.1, "two", 784)
+    assert f(1.0, 0.1, "l2", 784) == f(1.0, 0.1, "2", 784) == f(1.0, 0.1, 2, 784)  # names as everywhere
+    assert f(1.0, 0.1, "linf", 784) == f(1.0, 0.1, math.inf, 784)
     with pytest.raises(ValueError, match="d must be an integer >= 2"):
         f(1.0, 0.1, 2, 1)
     with pytest.raises(ValueError, match="d must be an integer >= 2"):
