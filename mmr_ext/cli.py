@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import fields
 from fractions import Fraction
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -164,18 +165,65 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=100, metavar="N")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", metavar="JSON", help="write the per-point results and the table to this file")
+    g.add_argument("--out", metavar="JSON", help="write the per-point results and the table to this file; "
+                   "per-point results are also appended to <JSON minus .json>.points.jsonl as they finish")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation from the .points.jsonl next to --out (same "
+                        "checkpoint, data and options); the result equals an uninterrupted run")
+    g.add_argument("--overwrite", action="store_true",
+                   help="discard the .points.jsonl of an earlier evaluation next to --out and start afresh")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 1) -> int:
     print(f"mmr-ext evaluate: error: {message}", file=sys.stderr)
-    return 1
+    return code
+
+
+def _check_device(text: str) -> torch.device:
+    """``--device`` as a torch.device; ValueError if it names no device or an unusable GPU."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{text} requested but torch.cuda.is_available() is False (no usable GPU, or "
+                             f"torch was built without CUDA); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{text} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
+
+
+def _check_outputs(args: argparse.Namespace):
+    """The ``--out`` file and its per-point results file, checked before any work (None, None
+    without --out); OutputError or ValueError with the problem."""
+    from .evaluation_records import records_path
+    from .outputs import check_output_file
+
+    if args.out is None:
+        if args.resume or args.overwrite:
+            raise ValueError(f"{'--resume' if args.resume else '--overwrite'} needs --out (the per-point "
+                             f"results live next to it)")
+        return None, None
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    out = check_output_file(args.out, "results file")
+    records = check_output_file(records_path(out), "per-point results file")
+    if records.exists() and records.stat().st_size and not (args.resume or args.overwrite):
+        raise ValueError(f"'{records}' holds per-point results of an earlier evaluation: pass --resume to "
+                         f"continue it (same checkpoint, data and options) or --overwrite to start afresh")
+    return out, records
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Runs ``mmr-ext evaluate`` for parsed arguments; returns the exit status."""
+    """Runs ``mmr-ext evaluate`` for parsed arguments; returns the exit status (2: bad options or
+    unwritable outputs, found before any work; 1: a problem found on the way; 130: interrupted)."""
     from .evaluation import evaluate
+    from .evaluation_records import RecordsError
+    from .outputs import OutputError
     from .train import PAPER_EPS, CheckpointError, dataset_info, load_dataset, load_model
 
     for name in ("n_points", "attack_steps", "attack_restarts", "fmn_steps", "workers", "batch_size"):
@@ -190,13 +238,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         norms = [parse_norm(p, "--norms") for p in args.norms]
     except ValueError as exc:
         return _fail(f"argument --norms: {exc}")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        return _fail(f"argument --device: {exc}")
+        device = _check_device(args.device)
+    except ValueError as exc:
+        return _fail(f"argument --device: {exc}", 2)
+    try:
+        out, records = _check_outputs(args)
+    except (OutputError, ValueError) as exc:
+        return _fail(f"argument --out: {exc}", 2)
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device)
     except CheckpointError as exc:
@@ -223,22 +272,39 @@ def run_evaluate(args: argparse.Namespace) -> int:
     defaults = PAPER_EPS.get(info.name, PAPER_EPS["mnist"])
     radii = dict(zip((1.0, 2.0, math.inf), args.eps)) if args.eps else defaults
     eps = {p: radii[p] for p in norms}
+    if records is not None and args.overwrite:
+        records.unlink(missing_ok=True)
     start = time.monotonic()
-    result = evaluate(model, x, y, eps=eps, box=(0.0, 1.0), attacks=tuple(args.attacks),
-                      attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
-                      fmn_steps=args.fmn_steps, use_bounds=args.use_bounds,
-                      bound_alpha_steps=args.alpha_steps, use_mip=args.mip,
-                      mip_time_limit=args.mip_time_limit, neighbors=args.neighbors,
-                      workers=args.workers, batch_size=args.batch_size, seed=args.seed,
-                      progress=args.progress)
+    try:
+        result = evaluate(model, x, y, eps=eps, box=(0.0, 1.0), attacks=tuple(args.attacks),
+                          attack_steps=args.attack_steps, attack_restarts=args.attack_restarts,
+                          fmn_steps=args.fmn_steps, use_bounds=args.use_bounds,
+                          bound_alpha_steps=args.alpha_steps, use_mip=args.mip,
+                          mip_time_limit=args.mip_time_limit, neighbors=args.neighbors,
+                          workers=args.workers, batch_size=args.batch_size, seed=args.seed,
+                          progress=args.progress, records=records, resume=args.resume)
+    except RecordsError as exc:
+        return _fail(str(exc))
+    except OutputError as exc:
+        return _fail(f"{exc}; the points finished so far are kept in '{records}': continue with the same "
+                     f"options plus --resume once it can be written")
+    except KeyboardInterrupt:
+        hint = (f"; the points finished so far are kept in '{records}': continue with the same options "
+                f"plus --resume") if records is not None else " (pass --out to keep per-point results)"
+        print(f"\nmmr-ext evaluate: interrupted{hint}", file=sys.stderr)
+        return 130
     result.settings.update({"checkpoint": str(args.checkpoint), "dataset": info.name,
                             "model": ckpt.get("model_name"), "n_points": n})
     result.timing["total"] = time.monotonic() - start
     title = f"{ckpt.get('model_name')} on {info.name} (first {n} test points): {args.checkpoint}"
     print(result.table(title), flush=True)
-    if args.out:
-        path = result.to_json(args.out)
-        print(f"results written to {path}")
+    if out is not None:
+        try:
+            path = result.to_json(out)
+        except OutputError as exc:
+            return _fail(f"{exc}; the per-point results are kept in '{records}': rerun with the same "
+                         f"options plus --resume to write the table without recomputing")
+        print(f"results written to {path} (per-point results in {records})")
     return 0
 
 
@@ -279,13 +345,14 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
 
 
 def _train_main(args: argparse.Namespace) -> int:
+    from .outputs import OutputError
     from .train import CheckpointError, ConfigError, TrainConfig, format_summary, resolve_config, train
 
     names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     sub = args.train_parser
     try:
-        resolve_config(cfg)
+        resolved = resolve_config(cfg)  # includes --out-dir: an unwritable folder stops here, before any work
     except ConfigError as exc:
         sub.error(f"argument --{exc.argument.replace('_', '-')}: {exc.message}")
     try:
@@ -295,7 +362,16 @@ def _train_main(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         print(f"mmr-ext train: error: {exc}", file=sys.stderr)
         return 1
+    except OutputError as exc:  # disk full, permissions changed mid-run
+        ckpt = Path(resolved.out_dir).expanduser() / "checkpoint.pt"
+        hint = (f"; the last complete checkpoint '{ckpt}' is intact: continue with the same options plus "
+                f"--resume once the folder can be written") if ckpt.is_file() else ""
+        print(f"mmr-ext train: error: {exc}{hint}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as exc:  # unreadable or corrupt data files
+        print(f"mmr-ext train: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # any other I/O failure: the message, not a traceback
         print(f"mmr-ext train: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,7 +17,9 @@ Protocol of the MMR-Universal paper (Croce & Hein, ICLR 2020) (§5, App. C; docs
 A point that is both attacked and certified would mean a bug in an attack or a certifier:
 :func:`evaluate` raises ``RuntimeError`` naming it. LB <= UB then holds by construction.
 Rates are in percent of the evaluated points. ``mmr-ext evaluate CHECKPOINT`` runs it from the
-command line (first 1000 test points, the papers' ε per data set).
+command line (first 1000 test points, the papers' ε per data set). Deterministic; with ``records``
+the per-point results are written as batches finish and ``resume`` continues from them
+(:mod:`mmr_ext.evaluation_records`).
 """
 from __future__ import annotations
 
@@ -35,11 +37,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .attacks import margins, min_norm_attack, pgd, verify_adversarial
-from .certify import certified_by_bounds, certify, verify_mip
+from .attacks import min_norm_attack, pgd, verify_adversarial
+from .certify import certified_by_bounds, certify, reliably_correct, verify_mip
 from .checks import check_batch, check_box, check_in_box, check_input, check_y, parse_eps_dict
+from .evaluation_records import PointRecords, batch_seed, records_header
 from .math.norms import norm_name, parse_norm
 from .nn.chain import parse_model
+from .outputs import atomic_write
 
 __all__ = ["EvaluationResult", "evaluate", "ATTACKS", "norm_name"]
 
@@ -48,6 +52,7 @@ _ATTACKS = ("pgd", "fmn")
 #: Names of the built-in attacks of :func:`evaluate` (the choices of ``mmr-ext evaluate --attacks``).
 ATTACKS = _ATTACKS
 _VERIFY_TOL = 1e-9  # our attacks place examples in the ball exactly; this only absorbs float64 noise
+_MIP_CHUNK = 4  # points per worker between two writes of MIP verdicts to the per-point records
 AttackFn = Callable[..., torch.Tensor]
 
 
@@ -65,7 +70,7 @@ class EvaluationResult:
 
     Attributes (per-norm dicts are keyed by 1.0, 2.0, inf):
         eps: radius per norm. box: (lo, hi).
-        labels, correct: [N] labels and clean correctness (f_y > max_{s != y} f_s, float64).
+        labels, correct: [N] labels and clean correctness (in the model's dtype and float64, docs/MATH.md §12).
         attacked: {p: [N] bool} misclassified or an adversarial example found (LB).
         certified: {p: [N] bool} correctly classified and proved robust (UB = not certified).
         attacked_by: {p: {method: [N] bool}} which attack succeeded ('pgd', 'fmn', 'mip', or a
@@ -201,15 +206,10 @@ class EvaluationResult:
         }
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
-        """Writes :meth:`to_dict` as JSON to ``path`` (parent folders created); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        """Writes :meth:`to_dict` as JSON to ``path`` atomically (parent folders created); returns
+        the path. A failing write raises :class:`mmr_ext.outputs.OutputError` naming it."""
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        return atomic_write(Path(path), lambda f: f.write(text), what="results file")
 
 
 def _fmt_eps(e: float) -> str:
@@ -281,7 +281,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
              attack_steps: int = 100, attack_restarts: int = 1, fmn_steps: int = 100,
              use_bounds: bool = True, bound_alpha_steps: int = 0, use_mip: bool = False,
              mip_time_limit: float = 120.0, neighbors: int = 0, workers: int = 1,
-             batch_size: int = 100, seed: int = 0, progress: bool = True) -> EvaluationResult:
+             batch_size: int = 100, seed: int = 0, progress: bool = True,
+             records: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> EvaluationResult:
     """Test error and lower / upper bounds on the robust test error (docs/MATH.md §9).
 
     Args:
@@ -298,8 +299,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         use_mip: run the MIP (l1 and l∞) on points still undecided, ``mip_time_limit`` seconds
             each, on ``workers`` processes.
         neighbors: neighbouring regions explored by the region certificate (the paper: 5).
-        batch_size: points per batch. seed: seed of the attacks' random starts.
-        progress: tqdm progress bars.
+        batch_size: points per batch. seed: seed of the attacks' random starts (each batch's
+            generator is seeded from it and the batch's first index: results do not depend on what
+            ran before). progress: tqdm progress bars.
+        records: JSON-lines file of per-point results, appended batch by batch as they finish
+            (:mod:`mmr_ext.evaluation_records`). resume: continue from ``records`` (its header must
+            match this call's model, data and options); the result equals an uninterrupted run.
 
     Returns:
         :class:`EvaluationResult`; ``.table()`` prints it, ``.to_json(path)`` saves it.
@@ -324,7 +329,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     batch_size = _int_arg(batch_size, "batch_size", 1)
     if isinstance(mip_time_limit, bool) or not isinstance(mip_time_limit, Real) or not mip_time_limit > 0:
         raise ValueError(f"mip_time_limit must be a positive number of seconds, got {mip_time_limit!r}")
-    for name, v in (("use_bounds", use_bounds), ("use_mip", use_mip), ("progress", progress)):
+    for name, v in (("use_bounds", use_bounds), ("use_mip", use_mip), ("progress", progress), ("resume", resume)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {v!r}")
 
@@ -350,7 +355,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     min_norm = {p: torch.full((N,), INF, dtype=torch.float64, device=dev) for p in norms}
     mip_status: Dict[float, List[Optional[str]]] = {p: [None] * N for p in norms}
     timing = {"region": 0.0, "attacks": 0.0, "bounds": 0.0, "mip": 0.0}
-    gen = torch.Generator(device=dev).manual_seed(seed)
+    settings = {"attacks": [name for name, _ in attack_list], "attack_steps": attack_steps,
+                "attack_restarts": attack_restarts, "fmn_steps": fmn_steps, "use_bounds": use_bounds,
+                "bound_alpha_steps": bound_alpha_steps, "use_mip": use_mip,
+                "mip_time_limit": float(mip_time_limit), "neighbors": neighbors, "seed": seed,
+                "batch_size": batch_size}
+    log = None if records is None else PointRecords(records, records_header(
+        model, x, y, dict(settings, eps={norm_name(p): e for p, e in radii.items()}, box=[lo, hi])), resume)
+    state = (correct, attacked_by, certified_by, radius, min_norm)
 
     def attacked(p):
         return torch.stack(list(attacked_by[p].values()) + [~correct]).any(0)
@@ -371,10 +383,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         sl = slice(start, min(start + batch_size, N))
         in_batch = false()
         in_batch[sl] = True
+        restored = log.restore_batch(start, sl.stop, *state) if log is not None else None
+        if restored is not None:
+            for k, v in restored.items():
+                timing[k] = timing.get(k, 0.0) + v
+            continue
+        before = dict(timing)
+        gen = torch.Generator(device=dev).manual_seed(batch_seed(seed, start))
         xb, yb = x[sl], y[sl]
         x64 = xb.to(torch.float64)
-        with torch.no_grad():
-            ok = margins(model64(x64), yb) > 0
+        with torch.no_grad():  # correct as the user runs it: own dtype and float64 (docs/MATH.md §12)
+            ok = reliably_correct(model, xb, yb, model64(x64))
         correct[sl] = ok
 
         t = time.monotonic()
@@ -420,6 +439,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
             timing["bounds"] += time.monotonic() - t
         for p in norms:
             check(p, in_batch)
+        if log is not None:
+            log.save_batch(start, sl.stop, {k: timing[k] - before[k] for k in timing}, y, *state)
 
     if use_mip:
 
@@ -430,20 +451,27 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
             certified_by[p]["mip"] = false()
             attacked_by[p]["mip"] = false()
             open_ = correct & ~certified(p) & ~attacked(p)
-            idx = open_.nonzero()[:, 0]
-            if idx.numel() == 0:
-                continue
-            results = verify_mip(model64, x[idx].to(torch.float64), y[idx], norm=p, eps=radii[p],
-                                 lo=lo, hi=hi, time_limit=float(mip_time_limit), workers=workers)
-            for i, res in zip(idx.tolist(), results):
-                mip_status[p][i] = res.status
-                if res.status == "verified":
-                    certified_by[p]["mip"][i] = True
-                elif res.status == "falsified" and res.counterexample is not None:
-                    ce = res.counterexample.to(torch.float64)[None]
-                    good = verify_adversarial(model64, x[i:i + 1].to(torch.float64), ce, y[i:i + 1],
-                                              p, radii[p], lo, hi, tol=_VERIFY_TOL)
-                    attacked_by[p]["mip"][i] = bool(good)
+            todo = open_.nonzero()[:, 0].tolist()
+            if log is not None:
+                todo, spent = log.restore_mip(p, todo, mip_status[p], certified_by[p]["mip"], attacked_by[p]["mip"])
+                timing["mip"] += spent
+            for k in range(0, len(todo), _MIP_CHUNK * workers):
+                chunk, t_chunk = todo[k:k + _MIP_CHUNK * workers], time.monotonic()
+                idx = torch.tensor(chunk, dtype=torch.long, device=dev)
+                results = verify_mip(model64, x[idx].to(torch.float64), y[idx], norm=p, eps=radii[p],
+                                     lo=lo, hi=hi, time_limit=float(mip_time_limit), workers=workers)
+                for i, res in zip(chunk, results):
+                    mip_status[p][i] = res.status
+                    if res.status == "verified":
+                        certified_by[p]["mip"][i] = True
+                    elif res.status == "falsified" and res.counterexample is not None:
+                        ce = res.counterexample.to(torch.float64)[None]
+                        good = verify_adversarial(model64, x[i:i + 1].to(torch.float64), ce, y[i:i + 1],
+                                                  p, radii[p], lo, hi, tol=_VERIFY_TOL)
+                        attacked_by[p]["mip"][i] = bool(good)
+                if log is not None:
+                    log.save_mip(p, chunk, mip_status[p], certified_by[p]["mip"], attacked_by[p]["mip"],
+                                 time.monotonic() - t_chunk)
         timing["mip"] += time.monotonic() - t
 
     for p in norms:
@@ -456,13 +484,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         certified_by={p: {m: (v & correct).cpu() for m, v in d.items()} for p, d in certified_by.items()},
         radius={p: v.cpu() for p, v in radius.items()},
         min_norm={p: v.cpu() for p, v in min_norm.items()},
-        mip_status=mip_status,
-        settings={"attacks": [name for name, _ in attack_list], "attack_steps": attack_steps,
-                  "attack_restarts": attack_restarts, "fmn_steps": fmn_steps,
-                  "use_bounds": use_bounds, "bound_alpha_steps": bound_alpha_steps,
-                  "use_mip": use_mip, "mip_time_limit": float(mip_time_limit),
-                  "neighbors": neighbors, "seed": seed},
-        timing=timing)
+        mip_status=mip_status, settings=settings, timing=timing)
     for key in list(radii) + ["union"]:
         if result.lower_bound(key) > result.upper_bound(key) + 1e-9:  # impossible after check()
             raise RuntimeError(f"LB > UB for {key}: {result.lower_bound(key)} > {result.upper_bound(key)}")

@@ -1,5 +1,6 @@
 """Command line: help, argument errors, a tiny end-to-end run, python -m, mmr-ext evaluate."""
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import torch
 from mmr_ext import cli
 from mmr_ext.nn import zoo as models
 
+from faults import fail_writes
 from train.ddp_worker import tiny
 
 
@@ -159,3 +161,185 @@ def test_evaluate_reports_problems(tmp_path, capsys):
     assert "--n-points" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_evaluate(["ckpt.pt", "--eps", "1", "x", "0.1"])
+
+
+# ------------------------------------------------------------------------------------------
+# no silent wrong answers, no lost work: outputs checked before any work, I/O failures named,
+# resumable evaluation, a clear --device error
+
+ev = importlib.import_module("mmr_ext.evaluation")
+
+
+@pytest.fixture(scope="module")
+def fc1_state():
+    """fc1 trained for a few steps on mnist5k: most test points correct, some attacked or certified."""
+    from mmr_ext.nn.zoo import build_model
+    from mmr_ext.train import load_dataset
+
+    torch.manual_seed(0)
+    model = build_model("fc1", (1, 28, 28), 10)
+    data = load_dataset("mnist5k", split="train")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for i in range(0, 1024, 64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(data.images[i:i + 64]), data.labels[i:i + 64]).backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.fixture
+def fc1_checkpoint(tmp_path, fc1_state):
+    from mmr_ext.train.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "checkpoint.pt", {
+        "model_name": "fc1", "in_shape": [1, 28, 28], "num_classes": 10,
+        "model_state": fc1_state, "dtype": "float32"})
+
+
+def small_eval(ckpt, out, *extra):
+    return [str(ckpt), "--n-points", "6", "--batch-size", "2", "--attack-steps", "3", "--fmn-steps", "3",
+            "--attack-restarts", "2", "--norms", "1", "inf", "--no-progress"] \
+        + (["--out", str(out)] if out is not None else []) + list(extra)
+
+
+def deny_access(monkeypatch, folder):
+    """os.access says 'not writable' for ``folder``: chmod does not stop root, who runs the tests."""
+    real = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode, **kw: False if os.path.abspath(p) == str(folder) else real(p, mode, **kw))
+
+
+def no_work(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(ev, "evaluate", boom)
+    monkeypatch.setattr("mmr_ext.train.load_model", boom)
+
+
+@pytest.mark.parametrize("case", ["folder", "under_file", "denied", "records_folder"])
+def test_evaluate_rejects_an_unwritable_out_before_any_work(tmp_path, fc1_checkpoint, monkeypatch, capsys, case):
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "ro").mkdir()
+    out = {"folder": tmp_path / "ro", "under_file": tmp_path / "plain" / "eval.json",
+           "denied": tmp_path / "ro" / "eval.json", "records_folder": tmp_path / "e.json"}[case]
+    if case == "denied":
+        deny_access(monkeypatch, tmp_path / "ro")
+    if case == "records_folder":
+        (tmp_path / "e.points.jsonl").mkdir()
+    no_work(monkeypatch)
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out))) == 2
+    err = capsys.readouterr().err
+    assert "argument --out" in err and "Traceback" not in err
+    named = tmp_path / "e.points.jsonl" if case == "records_folder" else out
+    assert f"'{named}'" in err
+    assert {"folder": "is a folder", "under_file": "is a regular file", "denied": "permission denied",
+            "records_folder": "is a folder"}[case] in err
+
+
+@pytest.mark.parametrize("case", ["file", "under_file", "denied"])
+def test_train_rejects_an_unwritable_out_dir_before_any_work(tmp_path, monkeypatch, capsys, case):
+    (tmp_path / "plain").write_text("x")
+    (tmp_path / "ro").mkdir()
+    out_dir = {"file": tmp_path / "plain", "under_file": tmp_path / "plain" / "run",
+               "denied": tmp_path / "ro" / "run"}[case]
+    if case == "denied":
+        deny_access(monkeypatch, tmp_path / "ro")
+
+    def boom(*a, **k):
+        raise AssertionError("work started before --out-dir was checked")
+
+    monkeypatch.setattr("mmr_ext.train.loop.load_dataset", boom)
+    code, _, err = run_main(["train", "--model", "tiny", "--out-dir", str(out_dir), "--no-progress"], capsys)
+    assert code == 2 and "usage: mmr-ext train" in err
+    assert "argument --out-dir" in err and f"'{out_dir}'" in err and "Traceback" not in err
+    assert {"file": "not a folder", "under_file": "is a regular file", "denied": "permission denied"}[case] in err
+    assert not (tmp_path / "ro" / "run").exists()
+
+
+def test_evaluate_cuda_without_a_gpu_says_so(fc1_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, None, "--device", device))) == 2
+        err = capsys.readouterr().err
+        assert f"--device: {device} requested but torch.cuda.is_available() is False" in err
+        assert "corrupt" not in err and "unreadable" not in err
+
+
+class Interrupt:
+    """Replaces the region certificate of evaluate (one call per batch); Ctrl-C at call ``at``."""
+
+    def __init__(self, at=None):
+        self.at, self.calls, self.real = at, 0, ev._region_radii
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.at is not None and self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*a, **kw)
+
+
+def results(path):
+    data = json.loads(path.read_text())
+    data.pop("timing")
+    return data
+
+
+def test_the_small_evaluation_decides_points_both_ways(tmp_path, fc1_checkpoint):
+    out = tmp_path / "e.json"
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out))) == 0
+    table = json.loads(out.read_text())["table"]
+    assert table["TE"] < 50 and table["linf"]["LB"] > table["TE"] and table["l1"]["UB"] < 100
+
+
+def test_evaluate_resume_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, fc1_checkpoint, monkeypatch,
+                                                                       capsys):
+    ref = tmp_path / "ref.json"
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, ref))) == 0
+    assert (tmp_path / "ref.points.jsonl").is_file()
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    monkeypatch.setattr(ev, "_region_radii", Interrupt(at=3))  # two of the three batches finish
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out))) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "eval.points.jsonl" in err
+    assert not out.exists()
+    # the same command again is refused: the finished points would be lost
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out))) == 2
+    assert "--resume" in capsys.readouterr().err
+    count = Interrupt()
+    monkeypatch.setattr(ev, "_region_radii", count)
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--resume"))) == 0
+    assert count.calls == 1
+    assert results(out) == results(ref)
+    # resuming with other options is refused, naming the difference
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--resume", "--seed", "1"))) == 1
+    assert "settings.seed: 0 in the file, 1 requested" in capsys.readouterr().err
+    # --overwrite starts afresh
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--overwrite"))) == 0
+    assert count.calls == 4 and results(out) == results(ref)
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, None, "--resume"))) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["eval.points.jsonl", "eval.json"])
+def test_evaluate_disk_full_mid_run_names_the_file_and_keeps_the_points(tmp_path, fc1_checkpoint, monkeypatch,
+                                                                        capsys, target):
+    ref = tmp_path / "ref.json"
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, ref))) == 0
+    out = tmp_path / "eval.json"
+    # the header and the first batch reach the disk, the second batch does not; or the final JSON fails
+    failed = fail_writes(monkeypatch, target, after=2 if target.endswith("jsonl") else 0)
+    capsys.readouterr()
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out))) == 1
+    err = capsys.readouterr().err
+    assert failed and "Traceback" not in err
+    assert f"'{tmp_path / target}'" in err and "No space left on device" in err and "--resume" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt", "eval.points.jsonl", "ref.json", "ref.points.jsonl"]
+    monkeypatch.undo()
+    count = Interrupt()
+    monkeypatch.setattr(ev, "_region_radii", count)
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--resume"))) == 0
+    assert count.calls == (2 if target.endswith("jsonl") else 0)
+    assert results(out) == results(ref)

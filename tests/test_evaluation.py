@@ -1,5 +1,6 @@
 """Tests of mmr_ext.evaluation: LB <= UB, the table against a per-point recomputation, JSON
 output and the consistency check (the command line ``mmr-ext evaluate``: tests/test_cli.py)."""
+import copy
 import importlib
 import json
 import math
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from mmr_ext.evaluation import EvaluationResult, evaluate
+from mmr_ext.evaluation_records import RecordsError
 
 # the module itself (mmr_ext may export a function of the same name)
 ev = importlib.import_module("mmr_ext.evaluation")
@@ -149,3 +151,184 @@ def test_errors(tiny):
         evaluate(model, x + 1, y, eps={1: 0.1}, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, x, y, eps={1: 0.1}, batch_size=0, progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# deterministic, resumable evaluation: per-point records written as batches finish
+
+
+FAST = dict(eps=EPS, attack_steps=8, attack_restarts=2, fmn_steps=10, batch_size=7, progress=False)
+
+
+def same(a, b):
+    """Every number of two results but the timing."""
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("timing"), db.pop("timing")
+    return da == db
+
+
+class Interrupt:
+    """Replaces ev._region_radii (called once per computed batch); Ctrl-C at call number ``at``."""
+
+    def __init__(self, at=None):
+        self.at, self.calls = at, 0
+        self.real = ev._region_radii
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.at is not None and self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.real(*a, **kw)
+
+
+def test_evaluate_is_deterministic(tiny):
+    model, x, y, _ = tiny
+    a = evaluate(model, x, y, **FAST)
+    torch.manual_seed(123)  # the global RNG plays no part
+    torch.rand(10)
+    b = evaluate(model, x, y, **FAST)
+    assert same(a, b)
+    assert a.settings["batch_size"] == 7 and a.settings["seed"] == 0
+    c = evaluate(model, x, y, **dict(FAST, seed=1))
+    assert c.settings["seed"] == 1
+
+
+def test_a_batch_does_not_depend_on_the_batches_before_it(tiny, monkeypatch):
+    """The random starts of a batch's attacks come from a generator seeded by the batch's index:
+    a first batch that draws nothing (all its points misclassified) changes nothing after it."""
+    model, x, y, _ = tiny
+    real, states = ev.pgd, []
+
+    def spy(*a, generator=None, **k):
+        states.append(generator.get_state().clone())
+        return real(*a, generator=generator, **k)
+
+    monkeypatch.setattr(ev, "pgd", spy)
+    kw = dict(eps={INF: 0.08}, attacks=("pgd",), attack_steps=2, use_bounds=False, batch_size=7, progress=False)
+    evaluate(model, x, y, **kw)
+    first = states[:]
+    states.clear()
+    with torch.no_grad():
+        y_wrong = y.clone()
+        y_wrong[:7] = (model(x[:7]).argmax(1) + 1) % 3  # batch 0: no attack runs
+    evaluate(model, x, y_wrong, **kw)
+    assert len(first) == 5 and len(states) == 4
+    assert all(torch.equal(a, b) for a, b in zip(first[1:], states))
+
+
+def test_interrupted_evaluation_resumes_to_the_uninterrupted_result(tiny, tmp_path, monkeypatch):
+    model, x, y, _ = tiny
+    ref = evaluate(model, x, y, **FAST)
+    path = tmp_path / "eval.points.jsonl"
+    stop = Interrupt(at=3)  # batches 0 and 1 finish, the third is interrupted
+    monkeypatch.setattr(ev, "_region_radii", stop)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, records=path, **FAST)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0]["format"] == "mmr_ext.evaluation.points" and lines[0]["n"] == 30
+    assert [r["i"] for r in lines if "i" in r] == list(range(14))
+    assert [r["batch"] for r in lines if "batch" in r] == [[0, 7], [7, 14]]
+    point = lines[1]
+    assert set(point["norms"]) == {"l1", "l2", "linf"}
+    assert set(point["norms"]["l2"]) == {"radius", "min_norm", "attacked_by", "certified_by"}
+    # without resume an existing record file is refused
+    with pytest.raises(RecordsError, match="resume"):
+        evaluate(model, x, y, records=path, **FAST)
+    count = Interrupt()
+    monkeypatch.setattr(ev, "_region_radii", count)
+    resumed = evaluate(model, x, y, records=path, resume=True, **FAST)
+    assert count.calls == 3  # only the batches 14.., 21.., 28.. were computed
+    assert same(resumed, ref)
+    # a complete file: nothing is recomputed
+    again = evaluate(model, x, y, records=path, resume=True, **FAST)
+    assert count.calls == 3 and same(again, ref)
+    assert again.timing["region"] == pytest.approx(resumed.timing["region"])
+
+
+def test_resume_after_a_line_cut_short(tiny, tmp_path, monkeypatch):
+    model, x, y, _ = tiny
+    ref = evaluate(model, x, y, **FAST)
+    path = tmp_path / "r.jsonl"
+    monkeypatch.setattr(ev, "_region_radii", Interrupt(at=4))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, records=path, **FAST)
+    text = path.read_text()
+    cut = text.rfind('{"batch"')  # a kill inside the last batch line: that batch counts as not done
+    path.write_text(text[:cut + 20])
+    count = Interrupt()
+    monkeypatch.setattr(ev, "_region_radii", count)
+    resumed = evaluate(model, x, y, records=path, resume=True, **FAST)
+    assert count.calls == 3 and same(resumed, ref)
+    assert all(json.loads(line) for line in path.read_text().splitlines())  # the cut line is gone
+
+
+def test_resume_with_mip_interrupted(tiny, tmp_path, monkeypatch):
+    model, x, y, _ = tiny
+    kw = dict(FAST, use_mip=True, mip_time_limit=20)
+    ref = evaluate(model, x, y, **kw)
+    assert sum(s is not None for p in (1.0, INF) for s in ref.mip_status[p]) >= 2
+    monkeypatch.setattr(ev, "_MIP_CHUNK", 1)
+    real, calls = ev.verify_mip, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    path = tmp_path / "r.jsonl"
+    monkeypatch.setattr(ev, "verify_mip", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, x, y, records=path, **kw)
+    assert sum("mip" in json.loads(line) for line in path.read_text().splitlines()) == 1
+    monkeypatch.setattr(ev, "verify_mip", real)
+    assert same(evaluate(model, x, y, records=path, resume=True, **kw), ref)
+
+
+@pytest.mark.parametrize("change", ["eps", "seed", "batch_size", "data", "labels", "model", "attacks"])
+def test_resume_refuses_records_of_another_evaluation(tiny, tmp_path, change):
+    model, x, y, _ = tiny
+    path = tmp_path / "r.jsonl"
+    kw = dict(FAST, attack_steps=2, fmn_steps=2, use_bounds=False)
+    evaluate(model, x[:10], y[:10], records=path, **kw)
+    other_model = copy.deepcopy(model)
+    with torch.no_grad():
+        other_model[1].bias[0] += 1e-9
+    x2, y2, m2 = x[:10], y[:10], model
+    if change == "eps":
+        kw["eps"] = {**EPS, INF: 0.1}
+    elif change == "seed":
+        kw["seed"] = 1
+    elif change == "batch_size":
+        kw["batch_size"] = 5
+    elif change == "data":
+        x2 = x[1:11]
+    elif change == "labels":
+        y2 = (y[:10] + 1) % 3
+    elif change == "model":
+        m2 = other_model
+    elif change == "attacks":
+        kw["attacks"] = ("fmn",)
+    with pytest.raises(RecordsError, match="different evaluation") as info:
+        evaluate(m2, x2, y2, records=path, resume=True, **kw)
+    word = {"eps": "settings.eps.linf", "seed": "settings.seed", "batch_size": "settings.batch_size",
+            "data": "data_sha256", "labels": "data_sha256", "model": "model_sha256",
+            "attacks": "settings.attacks"}[change]
+    assert word in str(info.value) and str(path) in str(info.value)
+
+
+def test_corrupt_records_are_refused(tiny, tmp_path):
+    model, x, y, _ = tiny
+    path = tmp_path / "r.jsonl"
+    kw = dict(FAST, attack_steps=2, fmn_steps=2, use_bounds=False)
+    evaluate(model, x[:10], y[:10], records=path, **kw)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(RecordsError, match="corrupt"):
+        evaluate(model, x[:10], y[:10], records=path, resume=True, **kw)
+    path.write_text('{"weights": 1}\n')
+    with pytest.raises(RecordsError, match="not a per-point results file"):
+        evaluate(model, x[:10], y[:10], records=path, resume=True, **kw)
+    path.write_text("")  # an empty file (killed before the header): a fresh start
+    r = evaluate(model, x[:10], y[:10], records=path, resume=True, **kw)
+    assert r.n == 10 and path.read_text().count('"batch"') == 2

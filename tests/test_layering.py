@@ -11,13 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmr_ext"
 #: Bottom to top, as in docs/ARCHITECTURE.md; a module may import its own layer and those below.
 LAYERS = [
     ("math",),
-    ("checks",),
+    ("checks", "outputs"),
     ("nn",),
     ("native",),
     ("geometry",),
     ("losses", "attacks"),
     ("certify",),
-    ("evaluation",),
+    ("evaluation", "evaluation_records"),
     ("train",),
     ("cli", "__main__"),
 ]

@@ -4,7 +4,8 @@ MMR-Universal paper), bound propagation, and exact verification by MIP (docs/MAT
 from .bounds import BoundedNetwork, certified_by_bounds, layer_bounds, margin_bounds
 from .certificate import Certificate
 from .mip import MIPResult, verify_mip
+from .prediction import reliably_correct
 from .region import certify
 
 __all__ = ["BoundedNetwork", "Certificate", "MIPResult", "certified_by_bounds", "certify", "layer_bounds",
-           "margin_bounds", "verify_mip"]
+           "margin_bounds", "reliably_correct", "verify_mip"]

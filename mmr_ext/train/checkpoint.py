@@ -18,18 +18,21 @@ code runs on load). Keys:
     world_size           number of processes that trained it
 
 Files are written to a temporary file in the target folder, flushed to disk and moved into place
-with ``os.replace``, so a crash leaves either the previous checkpoint or the new one, never a
-partial file. Every problem on reading raises :class:`CheckpointError` naming the file.
+with ``os.replace``, so a crash or a failing write (disk full) leaves either the previous
+checkpoint or the new one, never a partial file or a temporary one; a failing write raises
+:class:`mmr_ext.outputs.OutputError` naming the file. Every problem on reading raises
+:class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..outputs import atomic_write
 
 __all__ = ["CheckpointError", "FORMAT", "VERSION", "save_checkpoint", "load_checkpoint",
            "load_model", "build_from_checkpoint", "config_differences", "describe_differences"]
@@ -48,32 +51,13 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: PathLike, state: Dict[str, Any]) -> Path:
-    """Atomically write ``state`` (plus ``format``/``version``) to ``path``; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomically write ``state`` (plus ``format``/``version``) to ``path``; returns the path.
+
+    A failing write (disk full, permission denied) raises :class:`mmr_ext.outputs.OutputError`
+    (an ``OSError``) naming the file, and leaves the previous file at ``path`` as it was.
+    """
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), binary=True, what="checkpoint")
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",

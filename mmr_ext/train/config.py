@@ -13,6 +13,7 @@ import torch
 
 from ..math.norms import norm_key, parse_norm
 from ..nn.zoo import MODELS
+from ..outputs import OutputError, check_output_dir
 from .data import dataset_info
 from .schedules import SCHEDULE_UNITS
 
@@ -356,6 +357,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             tag = c.mode + (f"-l{c.p}" if mmr_like else "") + (f"-at{c.at_norm}" if c.at_norm else "")
             c.out_dir = str(Path("results") / f"{info.name}-{tag}-{c.model}")
     c.out_dir = str(c.out_dir)
+    try:  # before any work: a folder that exists or can be created, and is writable
+        check_output_dir(c.out_dir)
+    except OutputError as exc:
+        raise ConfigError("out_dir", str(exc)) from None
     if c.resume is not None and not isinstance(c.resume, str):
         c.resume = str(c.resume)
     return c

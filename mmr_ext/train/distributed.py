@@ -3,7 +3,9 @@ collectives the loop uses, and the per-rank RNG states saved in checkpoints (see
 :mod:`mmr_ext.train` for how the processes share the work)."""
 from __future__ import annotations
 
+import gc
 import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -41,11 +43,23 @@ class Dist:
         dist.all_reduce(work)
         return work.to(t.device)
 
-    def close(self) -> None:
-        """Destroy the process group if this run created it."""
+    def close(self, error: Optional[BaseException] = None) -> None:
+        """Destroy the process group if this run created it (idempotent); ``error``: the exception
+        ending the run, whose traceback's frames are cleared (their locals hold the DDP wrapper).
+
+        The backend (gloo: its worker threads and TCP pairs) is freed by the last reference to the
+        group, not by ``destroy_process_group`` itself; a ``DistributedDataParallel`` wrapper holds
+        one through reference cycles, hence the collection. Left to interpreter shutdown, the
+        backend's threads are stopped while the interpreter is torn down, which can abort the
+        process at exit (``terminate called without an active exception``)."""
         if self.owns_group:
             import torch.distributed as dist
-            dist.destroy_process_group()
+            self.owns_group = False
+            if error is not None:
+                traceback.clear_frames(error.__traceback__)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            gc.collect()
 
 
 def setup_distributed(device: str, threads: Optional[int]) -> Dist:
@@ -71,12 +85,24 @@ def setup_distributed(device: str, threads: Optional[int]) -> Dist:
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     owns = False
     if not dist.is_initialized():
+        _import_group_defaults()
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         owns = True
+    d = Dist(rank, world, local_rank, dev, owns)
     if dist.get_world_size() != world or dist.get_rank() != rank:
+        d.close()
         raise RuntimeError("torch.distributed is initialised with a different rank/world size than "
                            "the RANK/WORLD_SIZE environment variables")
-    return Dist(rank, world, local_rank, dev, owns)
+    return d
+
+
+def _import_group_defaults() -> None:
+    """Imports, before the process group exists, the torch modules that bind ``group.WORLD`` as a
+    default argument when first imported (``torch.distributed.nn.functional``: ``def
+    broadcast(tensor, src, group=group.WORLD)``; ``DistributedDataParallel`` imports it through
+    ``torch._dynamo``). Imported after ``init_process_group`` they would keep the group, and its
+    gloo threads, alive past ``destroy_process_group`` until interpreter shutdown."""
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def rng_state(loader_gen: torch.Generator, attack_gen: torch.Generator, d: Dist) -> Dict[str, Any]:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..nn.zoo import build_model
+from ..outputs import writing
 from .checkpoint import (CheckpointError, build_from_checkpoint, config_differences, describe_differences,
                          load_checkpoint, save_checkpoint)
 from .config import RUNTIME_FIELDS, ConfigError, TrainConfig, config_dict, resolve_config
@@ -75,12 +76,17 @@ def train(config: TrainConfig) -> TrainResult:
 
     Writes to ``out_dir``: ``checkpoint.pt`` (every epoch, atomically), ``metrics.json``,
     ``metrics.csv``, ``training_curves.png`` and ``summary.json``. Under ``torchrun`` the
-    processes train one model together (see :mod:`mmr_ext.train`).
+    processes train one model together (see :mod:`mmr_ext.train`). A failing write (disk full,
+    permissions changed mid-run) raises :class:`mmr_ext.outputs.OutputError` naming the file; the
+    last complete ``checkpoint.pt`` stays loadable and ``resume`` continues from it.
     """
     c = resolve_config(config)
     d = setup_distributed(c.device, c.threads)
     try:
         return _train(c, d)
+    except BaseException as exc:
+        d.close(exc)
+        raise
     finally:
         d.close()
 
@@ -90,12 +96,13 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
     out_dir = Path(c.out_dir).expanduser()
     resume = _prepare_resume(c, d, out_dir)
     if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # --overwrite: nothing of the previous run may be resumed by mistake later
-            for old in [out_dir / CHECKPOINT_NAME, *out_dir.glob("epoch_[0-9][0-9][0-9].pt"),
-                        *(out_dir / n for n in ("metrics.json", "metrics.csv", "summary.json",
-                                                "training_curves.png"))]:
-                old.unlink(missing_ok=True)
+        with writing(out_dir, "output folder"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if resume is None:  # --overwrite: nothing of the previous run may be resumed by mistake later
+                for old in [out_dir / CHECKPOINT_NAME, *out_dir.glob("epoch_[0-9][0-9][0-9].pt"),
+                            *(out_dir / n for n in ("metrics.json", "metrics.csv", "summary.json",
+                                                    "training_curves.png"))]:
+                    old.unlink(missing_ok=True)
     d.barrier()
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
     say = print if (c.verbose and d.main) else (lambda *a, **k: None)

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from ..math.norms import norm_name, parse_norm
+from ..outputs import atomic_write, atomic_write_text
 from .config import NORMS
 
 __all__ = ["clean_error", "certified_stats", "write_metrics", "atomic_text", "plot_metrics", "format_summary"]
@@ -91,10 +91,9 @@ def write_metrics(history: List[Dict[str, Any]], out_dir: Path) -> None:
 
 
 def atomic_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``
+    (:func:`mmr_ext.outputs.atomic_write_text`: a failure names the path, leaves no temporary file)."""
+    atomic_write_text(path, text)
 
 
 def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]) -> None:
@@ -130,10 +129,10 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), binary=True, what="figure")
+    finally:
+        plt.close(fig)
 
 
 def format_summary(s: Dict[str, Any]) -> str:

@@ -5,7 +5,13 @@ Used by the tests in tests/train/ (test_resume.py, test_distributed.py) and test
 test) and under ``torchrun`` (DDP test); the tests import ``tiny`` from ``train.ddp_worker``. The
 ``tiny`` network keeps the papers' layout (a strided convolution, a hidden fully connected layer)
 at a size whose MMR geometry costs milliseconds.
+
+Under ``torchrun`` the worker also checks that ``mmr-ext train`` left no thread of the gloo backend
+running (exit status 3 otherwise): threads still alive when the interpreter shuts down can abort
+the process at exit (``terminate called without an active exception``, see ``Dist.close``), and
+that abort is rare, while the surviving threads are seen every time.
 """
+import os
 import sys
 
 from torch import nn
@@ -23,5 +29,29 @@ def tiny(in_shape, num_classes, *, normalize=None):
 
 models.MODELS.setdefault("tiny", tiny)
 
+
+def backend_threads():
+    """Names of this process's threads that belong to the gloo backend (``pt_gloo_runloop``,
+    ``gloo_tcp_loop``); empty where ``/proc`` does not list threads."""
+    names = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return sorted(n for n in names if "gloo" in n)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main(sys.argv[1:]))
+    status = cli.main(sys.argv[1:])
+    left = backend_threads() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else []
+    if status == 0 and left:
+        print(f"ddp_worker: rank {os.environ.get('RANK')}: gloo threads still running after "
+              f"mmr-ext train returned: {left}", file=sys.stderr)
+        status = 3
+    sys.exit(status)

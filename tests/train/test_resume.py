@@ -1,5 +1,6 @@
 """Exact resume (from an intermediate checkpoint and after a kill) and the errors of corrupt or
 mismatched checkpoints."""
+import errno
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from mmr_ext.train import ConfigError, train
 from mmr_ext.train import checkpoint as ckpt_mod
 from mmr_ext.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
+from faults import fail_writes
 from train.runs import WORKER, final_state, run_worker, tiny_args, tiny_config
 
 
@@ -119,3 +121,28 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
     done = train(tiny_config(run, epochs=2, train_subset=32, resume="auto", final_cert_points=0))
     model, _ = ckpt_mod.load_model(run / "checkpoint.pt")
     assert all(torch.equal(v, done.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("target, error", [("checkpoint.pt", errno.ENOSPC), ("metrics.json", errno.EACCES)])
+def test_write_failure_mid_run_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch, capsys, target, error):
+    """The disk fills up (or permissions change) while epoch 2 is saved: the CLI names the file,
+    the epoch-1 checkpoint stays loadable, no temporary file is left, and --resume finishes the run
+    with the weights of an uninterrupted one."""
+    from mmr_ext import cli
+
+    args = tiny_args(tmp_path / "run", "--epochs", "3", "--final-cert-points", "0", "--cert-points", "0")
+    assert cli.main(tiny_args(tmp_path / "ref", *args[len(tiny_args(tmp_path / "run")):])) == 0
+    failed = fail_writes(monkeypatch, target, after=1, error=error)
+    capsys.readouterr()
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert failed and "Traceback" not in err
+    assert f"'{tmp_path / 'run' / target}'" in err and os.strerror(error) in err
+    assert "--resume" in err and "checkpoint.pt' is intact" in err
+    monkeypatch.undo()
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ck["epoch"] == (1 if target == "checkpoint.pt" else 2)
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert cli.main(args + ["--resume"]) == 0
+    a, b = final_state(tmp_path / "ref"), final_state(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
