@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..nn.zoo import build_model
-from ..outputs import writing
+from ..outputs import atomic_write_text, writing
 from .checkpoint import (CheckpointError, build_from_checkpoint, config_differences, describe_differences,
                          load_checkpoint, save_checkpoint)
 from .config import RUNTIME_FIELDS, ConfigError, TrainConfig, config_dict, resolve_config
@@ -21,7 +21,7 @@ from .data import load_dataset
 from .distributed import Dist, restore_rng_state, rng_state, setup_distributed
 from .loader import BatchLoader
 from .objective import Objective, adversarial_batch
-from .reporting import atomic_text, certified_stats, clean_error, plot_metrics, write_metrics
+from .reporting import certified_stats, clean_error, plot_metrics, write_metrics
 from .schedules import Schedule
 
 __all__ = ["TrainResult", "train", "CHECKPOINT_NAME"]
@@ -268,7 +268,7 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
             summary.update(stats)
             summary["cert_time_s"] = time.time() - t1
         summary["wall_time_s"] = time.time() - start_time
-        atomic_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     d.barrier()
     return TrainResult(model=model, config=c, metrics=history, summary=summary, out_dir=out_dir,
                        checkpoint=ckpt_path, train_time_s=train_time)

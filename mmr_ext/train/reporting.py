@@ -17,7 +17,7 @@ from ..math.norms import norm_name, parse_norm
 from ..outputs import atomic_write, atomic_write_text
 from .config import NORMS
 
-__all__ = ["clean_error", "certified_stats", "write_metrics", "atomic_text", "plot_metrics", "format_summary"]
+__all__ = ["clean_error", "certified_stats", "write_metrics", "plot_metrics", "format_summary"]
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def certified_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def write_metrics(history: List[Dict[str, Any]], out_dir: Path) -> None:
     """``metrics.json`` (list of per-epoch dicts) and ``metrics.csv`` (one row per epoch)."""
-    atomic_text(out_dir / "metrics.json", json.dumps(history, indent=1))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(history, indent=1))
     keys: List[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
@@ -87,13 +87,7 @@ def write_metrics(history: List[Dict[str, Any]], out_dir: Path) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in keys})
-    atomic_text(out_dir / "metrics.csv", buf.getvalue())
-
-
-def atomic_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and ``os.replace``
-    (:func:`mmr_ext.outputs.atomic_write_text`: a failure names the path, leaves no temporary file)."""
-    atomic_write_text(path, text)
+    atomic_write_text(out_dir / "metrics.csv", buf.getvalue())
 
 
 def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]) -> None:
