@@ -108,4 +108,131 @@ ConvStep check_conv_transpose_row_distances(const at::Tensor& f, const at::Tenso
   return {g, norm_set(qs)};
 }
 
+PatchGeometry check_patch_linear_rows(const at::Tensor& patches, const std::optional<at::Tensor>& mask,
+                                      const at::Tensor& weight, c10::ArrayRef<int64_t> grid,
+                                      c10::ArrayRef<int64_t> window, c10::ArrayRef<int64_t> stride,
+                                      c10::ArrayRef<int64_t> offset, c10::ArrayRef<int64_t> in_shape) {
+  check_floating(patches, "patches");
+  check_same(weight, patches, "weight", "patches");
+  TORCH_CHECK(patches.dim() == 4, "patches must be 4-D [n, O, L, E], got shape ", patches.sizes());
+  TORCH_CHECK(grid.size() == 2 && window.size() == 3 && stride.size() == 2 && offset.size() == 2 &&
+                  in_shape.size() == 3,
+              "grid, stride, offset must be pairs and window (Cin, Rh, Rw), in_shape (Cin, Hin, Win) triples");
+  TORCH_CHECK(grid[0] > 0 && grid[1] > 0 && grid[0] * grid[1] == patches.size(2), "grid (H, W) must hold the ",
+              patches.size(2), " positions of patches, got (", grid[0], ", ", grid[1], ")");
+  TORCH_CHECK(window[0] > 0 && window[1] > 0 && window[2] > 0 && window[0] * window[1] * window[2] == patches.size(3),
+              "window (Cin, Rh, Rw) must hold the ", patches.size(3), " entries of a patch, got (", window[0], ", ",
+              window[1], ", ", window[2], ")");
+  TORCH_CHECK(in_shape[0] == window[0] && in_shape[1] > 0 && in_shape[2] > 0,
+              "in_shape must be (Cin, Hin, Win) with the window's Cin (", window[0], "), got (", in_shape[0], ", ",
+              in_shape[1], ", ", in_shape[2], ")");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && offset[0] >= 0 && offset[1] >= 0,
+              "stride must be positive and offset non-negative");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == patches.size(1) * patches.size(2),
+              "weight must be [K, O * L] = [K, ", patches.size(1) * patches.size(2), "], got shape ", weight.sizes());
+  if (mask.has_value()) {
+    check_same(*mask, patches, "mask", "patches");
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == patches.size(0) && mask->size(1) == patches.size(1) &&
+                    mask->size(2) == patches.size(2),
+                "mask must have shape [", patches.size(0), ", ", patches.size(1), ", ", patches.size(2), "], got ",
+                mask->sizes());
+  }
+  return {grid[0], grid[1], window[0], window[1], window[2], stride[0], stride[1], offset[0], offset[1],
+          in_shape[1], in_shape[2]};
+}
+
+PatchGeometry check_patch_linear_rows_backward(const at::Tensor& grad, const at::Tensor& patches,
+                                               const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                               c10::ArrayRef<int64_t> grid, c10::ArrayRef<int64_t> window,
+                                               c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> offset,
+                                               c10::ArrayRef<int64_t> in_shape) {
+  const PatchGeometry g = check_patch_linear_rows(patches, mask, weight, grid, window, stride, offset, in_shape);
+  check_same(grad, patches, "grad", "patches");
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == patches.size(0) && grad.size(1) == weight.size(0) &&
+                  grad.size(2) == image_size_of(g),
+              "grad must have shape [", patches.size(0), ", ", weight.size(0), ", ", image_size_of(g), "], got ",
+              grad.sizes());
+  return g;
+}
+
+ConvPatchGeometry check_conv_patch_rows(const at::Tensor& prev, const std::optional<at::Tensor>& mask,
+                                        const at::Tensor& weight, c10::ArrayRef<int64_t> stride,
+                                        c10::ArrayRef<int64_t> padding, c10::ArrayRef<int64_t> dilation,
+                                        c10::ArrayRef<int64_t> prev_stride, c10::ArrayRef<int64_t> prev_offset,
+                                        c10::ArrayRef<int64_t> in_shape) {
+  check_floating(prev, "prev");
+  check_same(weight, prev, "weight", "prev");
+  TORCH_CHECK(prev.dim() == 7, "prev must be 7-D [Bp, C, Hp, Wp, Cin, Rph, Rpw], got shape ", prev.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == prev.size(1), "weight must be a conv weight [O, ", prev.size(1),
+              ", kh, kw], got shape ", weight.sizes());
+  int64_t n = prev.size(0);
+  if (mask.has_value()) {
+    check_same(*mask, prev, "mask", "prev");
+    TORCH_CHECK(mask->dim() == 4 && mask->size(1) == prev.size(1) && mask->size(2) == prev.size(2) &&
+                    mask->size(3) == prev.size(3),
+                "mask must have shape [n, ", prev.size(1), ", ", prev.size(2), ", ", prev.size(3), "], got ",
+                mask->sizes());
+    n = mask->size(0);
+  }
+  TORCH_CHECK(prev.size(0) == 1 || prev.size(0) == n, "prev must hold one row set per sample (", n,
+              ") or one shared set, got ", prev.size(0));
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && prev_stride.size() == 2 &&
+                  prev_offset.size() == 2 && in_shape.size() == 3,
+              "stride, padding, dilation, prev_stride, prev_offset must be pairs and in_shape a triple");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && dilation[0] > 0 && dilation[1] > 0 && prev_stride[0] > 0 &&
+                  prev_stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && prev_offset[0] >= 0 &&
+                  prev_offset[1] >= 0,
+              "strides and dilation must be positive, padding and offsets non-negative");
+  TORCH_CHECK(in_shape[0] == prev.size(4) && in_shape[1] > 0 && in_shape[2] > 0, "in_shape must be (",
+              prev.size(4), ", Hin, Win), got (", in_shape[0], ", ", in_shape[1], ", ", in_shape[2], ")");
+  ConvPatchGeometry g{};
+  g.C = prev.size(1);
+  g.Hp = prev.size(2);
+  g.Wp = prev.size(3);
+  g.Cin = prev.size(4);
+  g.Rph = prev.size(5);
+  g.Rpw = prev.size(6);
+  g.O = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.step_h = g.dh * prev_stride[0];
+  g.step_w = g.dw * prev_stride[1];
+  const int64_t Ho = (g.Hp + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  const int64_t Wo = (g.Wp + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the conv's output grid is empty (", Ho, " x ", Wo, ")");
+  g.out = {Ho, Wo, g.Cin, (g.kh - 1) * g.step_h + g.Rph, (g.kw - 1) * g.step_w + g.Rpw, g.sh * prev_stride[0],
+           g.sw * prev_stride[1], g.ph * prev_stride[0] + prev_offset[0], g.pw * prev_stride[1] + prev_offset[1],
+           in_shape[1], in_shape[2]};
+  return g;
+}
+
+ConvPatchGeometry check_conv_patch_rows_backward(const at::Tensor& grad, const at::Tensor& prev,
+                                                 const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                                 c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+                                                 c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> prev_stride,
+                                                 c10::ArrayRef<int64_t> prev_offset, c10::ArrayRef<int64_t> in_shape) {
+  const ConvPatchGeometry g =
+      check_conv_patch_rows(prev, mask, weight, stride, padding, dilation, prev_stride, prev_offset, in_shape);
+  check_same(grad, prev, "grad", "prev");
+  const int64_t n = mask.has_value() ? mask->size(0) : prev.size(0);
+  TORCH_CHECK(grad.dim() == 7 && grad.size(0) == n && grad.size(1) == g.O && grad.size(2) == g.out.H &&
+                  grad.size(3) == g.out.W && grad.size(4) == g.Cin && grad.size(5) == g.out.Rh &&
+                  grad.size(6) == g.out.Rw,
+              "grad must have the shape of the rows [", n, ", ", g.O, ", ", g.out.H, ", ", g.out.W, ", ", g.Cin, ", ",
+              g.out.Rh, ", ", g.out.Rw, "], got ", grad.sizes());
+  return g;
+}
+
+at::Tensor contiguous_windows(const at::Tensor& prev) {
+  const bool windows_contiguous =
+      prev.stride(6) == 1 && prev.stride(5) == prev.size(6) && prev.stride(4) == prev.size(5) * prev.size(6);
+  return windows_contiguous ? prev : prev.contiguous();
+}
+
 }  // namespace mmr

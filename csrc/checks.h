@@ -4,6 +4,7 @@
 
 #include "conv_rows.h"
 #include "geometry.h"
+#include "patch_rows.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
@@ -36,5 +37,39 @@ ConvStep check_conv_transpose_row_distances(const at::Tensor& f, const at::Tenso
                                             c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
                                             c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> in_shape,
                                             c10::ArrayRef<double> qs);
+
+// patch_linear_rows(patches [n, O, L, E], mask [n, O, L] or none, weight [K, O * L], grid (H, W) with
+// H * W = L, window (Cin, Rh, Rw) with Cin * Rh * Rw = E, stride, offset, in_shape (Cin, Hin, Win)).
+PatchGeometry check_patch_linear_rows(const at::Tensor& patches, const std::optional<at::Tensor>& mask,
+                                      const at::Tensor& weight, c10::ArrayRef<int64_t> grid,
+                                      c10::ArrayRef<int64_t> window, c10::ArrayRef<int64_t> stride,
+                                      c10::ArrayRef<int64_t> offset, c10::ArrayRef<int64_t> in_shape);
+
+// patch_linear_rows_backward(grad [n, K, Cin * Hin * Win], then the arguments of the forward).
+PatchGeometry check_patch_linear_rows_backward(const at::Tensor& grad, const at::Tensor& patches,
+                                               const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                               c10::ArrayRef<int64_t> grid, c10::ArrayRef<int64_t> window,
+                                               c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> offset,
+                                               c10::ArrayRef<int64_t> in_shape);
+
+// conv_patch_rows(prev [Bp, C, Hp, Wp, Cin, Rph, Rpw], mask [n, C, Hp, Wp] or none (Bp = 1 or n),
+// weight [O, C, kh, kw], stride, padding, dilation of the conv, prev_stride and prev_offset of the
+// previous windows in the input, in_shape (Cin, Hin, Win)).
+ConvPatchGeometry check_conv_patch_rows(const at::Tensor& prev, const std::optional<at::Tensor>& mask,
+                                        const at::Tensor& weight, c10::ArrayRef<int64_t> stride,
+                                        c10::ArrayRef<int64_t> padding, c10::ArrayRef<int64_t> dilation,
+                                        c10::ArrayRef<int64_t> prev_stride, c10::ArrayRef<int64_t> prev_offset,
+                                        c10::ArrayRef<int64_t> in_shape);
+
+// conv_patch_rows_backward(grad [n, O, Ho, Wo, Cin, Rh, Rw], then the arguments of the forward).
+ConvPatchGeometry check_conv_patch_rows_backward(const at::Tensor& grad, const at::Tensor& prev,
+                                                 const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+                                                 c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+                                                 c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> prev_stride,
+                                                 c10::ArrayRef<int64_t> prev_offset, c10::ArrayRef<int64_t> in_shape);
+
+// prev with each window (its last three dimensions) contiguous; other dimensions keep their strides
+// (a row set expanded over positions or samples is not copied).
+at::Tensor contiguous_windows(const at::Tensor& prev);
 
 }  // namespace mmr

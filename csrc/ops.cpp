@@ -40,6 +40,27 @@ TORCH_LIBRARY(mmr_ext, m) {
   // norms in one pass, never stored: |f| / ||row||_qk [Q, n, R].
   m.def("conv_transpose_row_distances(Tensor f, Tensor maps, Tensor? mask, Tensor weight, int[] stride, "
         "int[] padding, int[] dilation, int[] in_shape, float[] qs) -> Tensor");
+  // Rows of a Linear layer (weight [K, O * L]) after a layer whose rows live on receptive fields:
+  // patches [n, O, L, E] (unit o at grid position l, window (Cin, Rh, Rw) of the input starting at
+  // (y * Sh - Ph, x * Sw - Pw), entries outside the input zero), times the slopes mask [n, O, L] if
+  // given: rows[b, k] = sum_{o, l} weight[k, o * L + l] mask[b, o, l] patches[b, o, l] placed on the
+  // input (in_shape). Returns rows [n, K, Cin * Hin * Win].
+  m.def("patch_linear_rows(Tensor patches, Tensor? mask, Tensor weight, int[] grid, int[] window, int[] stride, "
+        "int[] offset, int[] in_shape) -> Tensor");
+  // Gradients (grad_patches [n, O, L, E], grad_weight [K, O * L]) of patch_linear_rows.
+  m.def("patch_linear_rows_backward(Tensor grad, Tensor patches, Tensor? mask, Tensor weight, int[] grid, "
+        "int[] window, int[] stride, int[] offset, int[] in_shape) -> (Tensor grad_patches, Tensor grad_weight)");
+  // Rows of a conv layer (weight [O, C, kh, kw], stride, padding, dilation) on their receptive
+  // fields, from the previous layer's rows prev [Bp, C, Hp, Wp, Cin, Rph, Rpw] (windows of the input
+  // with cumulative stride prev_stride and offset prev_offset; Bp = 1: shared by the samples) times
+  // their slopes mask [n, C, Hp, Wp] if given. Returns [n, O, Ho, Wo, Cin, Rh, Rw] with
+  // Rh = (kh - 1) * dilation * prev_stride + Rph; window entries outside in_shape are zero.
+  m.def("conv_patch_rows(Tensor prev, Tensor? mask, Tensor weight, int[] stride, int[] padding, int[] dilation, "
+        "int[] prev_stride, int[] prev_offset, int[] in_shape) -> Tensor");
+  // Gradients (grad_prev [Bp, C, Hp, Wp, Cin, Rph, Rpw], grad_weight [O, C, kh, kw]) of conv_patch_rows.
+  m.def("conv_patch_rows_backward(Tensor grad, Tensor prev, Tensor? mask, Tensor weight, int[] stride, "
+        "int[] padding, int[] dilation, int[] prev_stride, int[] prev_offset, int[] in_shape) -> "
+        "(Tensor grad_prev, Tensor grad_weight)");
   // (most taps per position of the fused conv step, largest CUDA canvas in bytes, CUDA kernels built).
   m.def("build_info() -> (int max_conv_taps, int max_cuda_canvas_bytes, bool has_cuda)", &build_info);
 }

@@ -1,23 +1,22 @@
 """Rows of convolutions on patch and kernel rows (docs/MATH.md §1, §13).
 
-A conv applied to explicit patch rows extends each patch by its kernel (:func:`conv_patches`, no
-multiplication by the zeros outside the receptive field); applied to the shared kernel rows of the
-first conv it composes kernels (unmasked) or gives :class:`MaskedKernelRows` (masked), rows of the
-second conv built on demand from one sample-independent GEMM factor.
+A conv applied to explicit patch rows, or to the masked shared kernel rows of the first conv, builds
+each unit's row on its receptive field from the previous units' rows (:func:`conv_rows`, native: no
+multiplication by the zeros outside the receptive fields, nothing for units with a zero slope);
+applied to the raw input's kernel rows it composes the kernels (:func:`conv_kernel`). The window
+sums of average pooling extend patches with :func:`pool_patches`.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import row_distances
+from ..native import conv_patch_rows
 from .memory import ExplicitRows
-from .representations import KernelPatches, Patches, Unsupported, window_inside
+from .representations import KernelPatches, Patches, Unsupported
 
 
 def overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
@@ -40,35 +39,27 @@ def overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
     return out[:, :, :(kh - 1) * sh + Rh, :(kw - 1) * sw + Rw]
 
 
-def conv_patches(rep: Patches, weight: torch.Tensor, stride, padding, dilation, depthwise: bool,
-                 ledger: ExplicitRows) -> Patches:
-    """Rows of a conv (weight [O, C, kh, kw], or [C, kh, kw] when depthwise) applied to patch rows;
+def pool_patches(rep: Patches, kernel: Tuple[int, int], stride, padding, ledger: ExplicitRows) -> Patches:
+    """Rows of the window sums of a pooling layer (every channel on its own) applied to patch rows:
+    the kh x kw shifted copies of each channel's patches overlap-add into the new, larger patch;
     the size of the explicit intermediate goes to ``ledger``."""
     rep = rep.settled()
     P = rep.P
     Bp, C, H, W, Cin, Rh, Rw = P.shape
-    kh, kw = weight.shape[-2:]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     Sh, Sw = rep.stride
-    Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    Ho, Wo = conv_output_grid((H, W), kernel, stride, padding, (1, 1))
     if Ho <= 0 or Wo <= 0:
-        raise Unsupported("empty conv output")
+        raise Unsupported("empty pooling output")
     E = Cin * Rh * Rw
-    ledger.record(Bp, Bp * (weight.shape[0] if not depthwise else C) * Ho * Wo * E * kh * kw)
+    ledger.record(Bp, Bp * C * Ho * Wo * E * kh * kw)
     X = P.reshape(Bp, C, H, W, E).permute(0, 1, 4, 2, 3).reshape(Bp, C * E, H, W)
-    U = F.unfold(X, (kh, kw), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))
-    U = U.reshape(Bp, C, E, kh, kw, Ho * Wo)
-    if depthwise:
-        Y = torch.einsum("cij,bceijl->bcleij", weight, U)
-    else:
-        Y = torch.einsum("ocij,bceijl->boleij", weight, U)
-    O = Y.shape[1]
-    # The kh x kw shifted copies of the old patches overlap-add into the new, larger patch.
-    out = overlap_add(Y.reshape(Bp * O * Ho * Wo, Cin, Rh, Rw, kh, kw), (dh * Sh, dw * Sw))
+    U = F.unfold(X, (kh, kw), padding=(ph, pw), stride=(sh, sw)).reshape(Bp, C, E, kh, kw, Ho * Wo)
+    Y = U.permute(0, 1, 5, 2, 3, 4)  # [Bp, C, L, E, kh, kw]
+    out = overlap_add(Y.reshape(Bp * C * Ho * Wo, Cin, Rh, Rw, kh, kw), (Sh, Sw))
     Rh2, Rw2 = out.shape[-2:]
     offset = (ph * Sh + rep.offset[0], pw * Sw + rep.offset[1])
-    return Patches(out.reshape(Bp, O, Ho, Wo, Cin, Rh2, Rw2), (sh * Sh, sw * Sw), offset, rep.in_shape)
+    return Patches(out.reshape(Bp, C, Ho, Wo, Cin, Rh2, Rw2), (sh * Sh, sw * Sw), offset, rep.in_shape)
 
 
 def full_weight(conv: nn.Conv2d) -> torch.Tensor:
@@ -85,124 +76,33 @@ def conv_output_grid(grid, k, stride, padding, dilation):
     return tuple((n + 2 * p - d * (kk - 1) - 1) // s + 1 for n, kk, s, p, d in zip(grid, k, stride, padding, dilation))
 
 
-def conv_kernel(rep: KernelPatches, w, stride, padding, dilation):
-    """Conv applied to kernel rows: unmasked and from the raw image, the kernels compose into a new
-    shared kernel; masked, the rows are :class:`MaskedKernelRows`, built on demand."""
+def conv_kernel(rep: KernelPatches, w, stride, padding, dilation) -> KernelPatches:
+    """Conv applied to the raw input's kernel rows (a per-pixel channel map, no grid padding to
+    respect): the kernels compose into a new shared kernel."""
     k = tuple(w.shape[-2:])
     Sh, Sw = rep.stride
     grid = conv_output_grid(rep.grid, k, stride, padding, dilation)
     if min(grid) <= 0:
         raise Unsupported("empty conv output")
-    step = (dilation[0] * Sh, dilation[1] * Sw)
     new_stride = (stride[0] * Sh, stride[1] * Sw)
     offset = (padding[0] * Sh + rep.offset[0], padding[1] * Sw + rep.offset[1])
-    if rep.mask is None:
-        K = F.conv_transpose2d(w, rep.K, stride=step)
-        return KernelPatches(K, grid, new_stride, offset, rep.in_shape, None, False)
-    m = F.unfold(rep.mask, k, dilation=dilation, padding=padding, stride=stride)  # [B, C*taps, L]
-    return MaskedKernelRows(w, rep.K, m, k, step, grid, new_stride, offset, rep.in_shape)
+    K = F.conv_transpose2d(w, rep.K, stride=(dilation[0] * Sh, dilation[1] * Sw))
+    return KernelPatches(K, grid, new_stride, offset, rep.in_shape, None, False)
 
 
-@dataclass
-class MaskedKernelRows:
-    """Rows of a conv applied to masked kernel rows (the second conv of a network).
-
-    Row (b, o, l) = Σ over taps z = (c, i, j) of m[b, z, l] G[o, z], where
-    G[o, (c, i, j)] = w[o, c, i, j] (K[c] placed at (i, j) * step) is sample-independent: all rows
-    of some samples are one GEMM [n*L, C*taps] @ [C*taps, O*E] with the unfolded masks m as the
-    left factor; chosen (sample, unit) pairs are one small GEMM per output channel. Built on
-    demand like :class:`ReverseRows`; ``force`` gives the explicit :class:`Patches`."""
-
-    w: torch.Tensor  # [O, C, kh, kw]
-    K: torch.Tensor  # [C, Cin, Rh, Rw] kernel rows of the previous layer
-    m: torch.Tensor  # [B, C*taps, L] unfolded masks of the previous layer
-    kernel: Tuple[int, int]
-    step: Tuple[int, int]
-    grid: Tuple[int, int]
-    stride: Tuple[int, int]
-    offset: Tuple[int, int]
-    in_shape: Tuple[int, int, int]
-    flat: bool = False
-    mask: Optional[torch.Tensor] = None  # Σ of the following activation, not yet applied
-    cache: dict = field(default_factory=dict)
-
-    def window(self) -> Tuple[int, int]:
-        return tuple((kk - 1) * st + r for kk, st, r in zip(self.kernel, self.step, self.K.shape[-2:]))
-
-    def patch_shape(self) -> Tuple[int, ...]:
-        return (self.m.shape[0], self.w.shape[0], *self.grid, self.K.shape[1], *self.window())
-
-    def tensors(self) -> List[torch.Tensor]:
-        return [self.w, self.K]
-
-    def placed_weights(self, w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """[O, C*taps, E]: every tap's weight times the previous kernel placed at the tap."""
-        O, C = w.shape[:2]
-        taps = self.kernel[0] * self.kernel[1]
-        onehot = torch.eye(taps, dtype=w.dtype, device=w.device).reshape(taps, 1, *self.kernel)
-        placed = F.conv_transpose2d(onehot.expand(taps, C, *self.kernel), K, stride=self.step, groups=C)
-        placed = placed.reshape(taps, C, -1).transpose(0, 1)  # [C, taps, E]
-        return (w.reshape(O, C, taps, 1) * placed[None]).reshape(O, C * taps, -1)
-
-    def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
-                tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        """All rows [n, O*L, E] of ``samples`` (None: all), or the rows [S, E] of the pairs."""
-        w, K = self.tensors() if tensors is None else tensors
-        G = self.placed_weights(w, K)
-        O, Z, E = G.shape
-        L = self.m.shape[2]
-        R = self.window()
-        inside = self.inside(G)
-        Cin = K.shape[1]
-        if units is None:
-            rows = self.position_major_rows(samples, G, inside)  # [n, L, O, E]
-            return rows.transpose(1, 2).reshape(rows.shape[0], O * L, E)
-        # pairs sorted by output channel: one GEMM per channel on a contiguous slice, then unsorted
-        order = torch.argsort(units // L, stable=True)
-        samples, units = samples[order], units[order]
-        o, l = units // L, units % L
-        mv = self.m[samples, :, l]  # [S, Z]
-        counts = torch.bincount(o, minlength=O).tolist()
-        out = torch.cat([part @ G[c] for c, part in enumerate(mv.split(counts)) if counts[c]])
-        out = (out.reshape(-1, Cin, R[0] * R[1]) * inside[l]).reshape(-1, E)
-        return out[torch.argsort(order)]
-
-    def inside(self, G: torch.Tensor) -> torch.Tensor:
-        """[L, 1, Rh*Rw]: which entries of each position's window lie inside the image."""
-        R = self.window()
-        return window_inside(self.grid, R, self.stride, self.offset, self.in_shape, G).reshape(-1, 1, R[0] * R[1])
-
-    def position_major_rows(self, samples: Optional[torch.Tensor], G: torch.Tensor, inside: torch.Tensor
-                             ) -> torch.Tensor:
-        """All rows of ``samples`` as [n, L, O, E], the layout of the one GEMM that builds them."""
-        m = self.m if samples is None else self.m[samples]
-        n, Z, L = m.shape
-        O, _, E = G.shape
-        rows = torch.matmul(m.transpose(1, 2).reshape(n * L, Z), G.permute(1, 0, 2).reshape(Z, O * E))
-        return (rows.reshape(n, L, O, -1, inside.shape[-1]) * inside[None, :, None]).reshape(n, L, O, E)
-
-    def distances_of(self, samples: torch.Tensor, f: torch.Tensor, qs: Sequence[float],
-                     tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Distances [Q, len(samples), O*L] to all rows of ``samples`` (f: their pre-activations),
-        computed on the GEMM's position-major layout (no transposing copy of the rows)."""
-        G = self.placed_weights(*tensors)
-        rows = self.position_major_rows(samples, G, self.inside(G))
-        n, L, O, E = rows.shape
-        f_pm = f.reshape(n, O, L).transpose(1, 2).reshape(n * L, O)
-        dist = row_distances(f_pm, rows.reshape(n * L, O, E), qs)[0]  # [Q, n*L, O]
-        return dist.reshape(-1, n, L, O).transpose(2, 3).reshape(-1, n, O * L)
-
-    def elements_per_sample(self) -> int:
-        """Elements of the largest intermediate per sample when building all rows."""
-        return math.prod(self.patch_shape()[1:])
-
-    def forced_rows(self) -> Optional[torch.Tensor]:
-        return self.cache["patches"].rows() if "patches" in self.cache else None
-
-    def force(self) -> "Patches":
-        """The rows as explicit, differentiable :class:`Patches`."""
-        if "patches" not in self.cache:
-            B, O, H, W, Cin, Rh, Rw = self.patch_shape()
-            P = self.rows_of(None, None).reshape(B, O, H, W, Cin, Rh, Rw)
-            self.cache["patches"] = Patches(P, self.stride, self.offset, self.in_shape)
-        return replace(self.cache["patches"], flat=self.flat, mask=self.mask)
+def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitRows) -> Patches:
+    """Rows of a conv (weight [O, C, kh, kw]) applied to patch or masked kernel rows, built on their
+    receptive fields by the native :func:`mmr_ext.native.conv_patch_rows` (the pending mask of
+    ``rep`` included); the size of the result goes to ``ledger``."""
+    if isinstance(rep, KernelPatches):  # one shared kernel per channel: a stride-0 view over the grid
+        prev = rep.K[None, :, None, None].expand(1, -1, *rep.grid, -1, -1, -1)
+    else:
+        prev = rep.P
+    grid = conv_output_grid(prev.shape[2:4], tuple(w.shape[-2:]), stride, padding, dilation)
+    if min(grid) <= 0:
+        raise Unsupported("empty conv output")
+    P = conv_patch_rows(prev, rep.mask, w, stride, padding, dilation, rep.stride, rep.offset, rep.in_shape)
+    ledger.record(P.shape[0], P.numel())
+    new_stride = (stride[0] * rep.stride[0], stride[1] * rep.stride[1])
+    offset = (padding[0] * rep.stride[0] + rep.offset[0], padding[1] * rep.stride[1] + rep.offset[1])
+    return Patches(P, new_stride, offset, rep.in_shape)

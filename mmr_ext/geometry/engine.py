@@ -70,10 +70,8 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     for entry in layers:
         if isinstance(entry, tuple):
             f_flat, lazy = entry
-            forced = lazy.forced_rows()
-            if forced is not None:  # a later layer needed the rows explicitly
-                entry = row_distances(f_flat, forced, qs)[0]
-            else:
+            entry = lazy.forced_distances(f_flat, qs)  # a later layer needed the rows explicitly
+            if entry is None:
                 entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.distances_of, lazy.tensors(), qs,
                                            budget.lazy_chunk(lazy.elements_per_sample(), B))
         boundary.append(entry)

@@ -81,8 +81,9 @@ class ReverseRows:
         widest = max([math.prod(e[1]) for e in self.trace if not isinstance(e, torch.Tensor)] + [self.weight.shape[1]])
         return self.weight.shape[0] * widest
 
-    def forced_rows(self) -> Optional[torch.Tensor]:
-        return self.cache["dense"].V if "dense" in self.cache else None
+    def forced_distances(self, f: torch.Tensor, qs: Sequence[float]) -> Optional[torch.Tensor]:
+        """Distances [Q, B, O] to the explicit rows once a later layer forced them (else None)."""
+        return row_distances(f, self.cache["dense"].V, qs)[0] if "dense" in self.cache else None
 
     def force(self) -> Dense:
         """The rows as an explicit, differentiable Dense representation."""

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..nn.adapters import adapter_of, pair
 from ..nn.chain import AffineBlock
-from .conv_rows import MaskedKernelRows, conv_kernel, conv_patches, full_weight, overlap_add
+from ..native import patch_linear_rows
+from .conv_rows import conv_kernel, conv_rows, full_weight, pool_patches
 from .memory import ExplicitRows
 from .representations import Dense, KernelPatches, Patches, Unsupported
 from .reverse_rows import ReverseRows
@@ -30,7 +31,7 @@ class RowPass:
 
 
 #: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
-ON_DEMAND = (ReverseRows, MaskedKernelRows)
+ON_DEMAND = (ReverseRows,)
 
 
 def scale_units(rep, scale: torch.Tensor):
@@ -64,13 +65,11 @@ def conv_step(rep, conv: nn.Conv2d, state: "RowPass"):
         raise Unsupported("Conv2d padding mode")
     w = full_weight(conv)
     args = (pair(conv.stride), pair(conv.padding), pair(conv.dilation))
-    if isinstance(rep, KernelPatches):
-        if rep.mask is not None or (rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1)):
-            return conv_kernel(rep, w, *args)
-        rep = rep.materialize()
-    if not isinstance(rep, Patches):
+    if isinstance(rep, KernelPatches) and rep.mask is None and rep.K.shape[-2:] == (1, 1) and rep.stride == (1, 1):
+        return conv_kernel(rep, w, *args)  # on the raw input (per-pixel channel map): composed kernels
+    if not isinstance(rep, (KernelPatches, Patches)):
         raise Unsupported("Conv2d on flat features")
-    return conv_patches(rep, w, *args, False, state.ledger)
+    return conv_rows(rep, w, *args, state.ledger)
 
 
 def avgpool_step(rep, pool: nn.AvgPool2d, state: "RowPass"):
@@ -87,7 +86,7 @@ def avgpool_step(rep, pool: nn.AvgPool2d, state: "RowPass"):
     # Per-position 1/divisor of the layer: its average of ones over the plain window sum of ones.
     mean = F.avg_pool2d(ones, k, s, pad, False, pool.count_include_pad, pool.divisor_override)
     total = F.avg_pool2d(ones, k, s, pad, False, True, 1)
-    out = conv_patches(rep, rep.P.new_ones((C,) + k), s, pad, (1, 1), True, state.ledger)
+    out = pool_patches(rep, k, s, pad, state.ledger)
     inv_div = (mean / total).reshape(1, 1, *mean.shape[-2:], 1, 1, 1)
     return replace(out, P=out.P * inv_div)
 
@@ -116,18 +115,18 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
     if isinstance(rep, KernelPatches):
         return kernel_to_dense(rep, W)
     if PATCH_COST_WEIGHT * patch_macs(rep, W.shape[0]) <= reverse_macs(trace, W.shape[0]):
-        return patches_to_dense(rep.force() if isinstance(rep, MaskedKernelRows) else rep, W, state.ledger)
+        return patches_to_dense(rep, W, state.ledger)
     return ReverseRows.of(layer, trace, rep.in_shape)
 
 
-# Per-MAC cost of the patch contraction + overlap-add relative to the transposed convolutions of
-# the reverse order, measured on this project's CPU machines (memory traffic of the patches).
-PATCH_COST_WEIGHT = 6.0
+# Per-MAC cost of the forward order (native patch_linear_rows, and forcing the second conv's rows)
+# relative to the transposed convolutions of the reverse order, measured on this project's CPU
+# machines (see docs/MATH.md §13).
+PATCH_COST_WEIGHT = 1.0
 
 
 def patch_macs(rep, O: int) -> float:
-    shape = rep.patch_shape() if isinstance(rep, MaskedKernelRows) else rep.P.shape
-    return float(O * math.prod(shape[1:]))
+    return float(O * math.prod(rep.P.shape[1:]))
 
 
 def reverse_macs(trace: list, O: int) -> float:
@@ -163,16 +162,17 @@ def crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Dens
 
 
 def patches_to_dense(rep: Patches, W: torch.Tensor, ledger: ExplicitRows) -> Dense:
-    """Rows of the map W [O, C*H*W] applied to patch rows: per-position contraction, then fold."""
-    rep = rep.settled()
+    """Rows of the map W [O, C*H*W] applied to patch rows (their pending mask included), in forward
+    order by the native :func:`mmr_ext.native.patch_linear_rows` (units with a zero slope skipped)."""
     P = rep.P
     Bp, C, H, Wd, Cin, Rh, Rw = P.shape
-    L, E = H * Wd, Cin * Rh * Rw
-    O = W.shape[0]
-    ledger.record(Bp, Bp * O * E * L)
-    Y = torch.einsum("ocl,bcle->boel", W.reshape(O, C, L), P.reshape(Bp, C, L, E))
-    canvas = overlap_add(Y.reshape(Bp * O, Cin, Rh, Rw, H, Wd), rep.stride)
-    return crop_canvas(canvas, rep.offset, rep.in_shape, Bp, O)
+    n = Bp if rep.mask is None else rep.mask.shape[0]
+    patches = P.reshape(Bp, C, H * Wd, Cin * Rh * Rw).expand(n, -1, -1, -1)
+    mask = None if rep.mask is None else rep.mask.reshape(n, C, H * Wd)
+    d = math.prod(rep.in_shape)
+    ledger.record(n, n * W.shape[0] * d)
+    rows = patch_linear_rows(patches, mask, W, (H, Wd), (Cin, Rh, Rw), rep.stride, rep.offset, rep.in_shape)
+    return Dense(rows, d)
 
 
 def scale_step(rep, layer: nn.Module, state: "RowPass"):

@@ -58,3 +58,35 @@ def conv_transpose_row_distances(f: torch.Tensor, maps: torch.Tensor, mask: Opti
     return torch.ops.mmr_ext.conv_transpose_row_distances(
         f.contiguous(), maps, mask, weight, [int(v) for v in stride], [int(v) for v in padding],
         [int(v) for v in dilation], [int(v) for v in in_shape], [float(q) for q in qs])
+
+
+def patch_linear_rows(patches: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor,
+                      grid: Sequence[int], window: Sequence[int], stride: Sequence[int], offset: Sequence[int],
+                      in_shape: Sequence[int]) -> torch.Tensor:
+    """Native rows of a Linear layer (weight [K, O*L]) after a layer whose rows live on receptive fields.
+
+    patches [n, O, L, E] (any strides; unit o at grid position l of the grid (H, W), its window
+    (Cin, Rh, Rw) of the input starting at (y*Sh - Ph, x*Sw - Pw), entries outside the input zero),
+    mask [n, O, L] the activation slopes of those units (or None). Returns the input-space rows
+    [n, K, Cin*Hin*Win]: ``sum_{o,l} weight[k, o*L + l] mask[b, o, l] patches[b, o, l]`` placed on
+    the input. Units with a zero slope are skipped. Differentiable in patches and weight.
+    """
+    return torch.ops.mmr_ext.patch_linear_rows(patches, mask, weight, [int(v) for v in grid],
+                                               [int(v) for v in window], [int(v) for v in stride],
+                                               [int(v) for v in offset], [int(v) for v in in_shape])
+
+
+def conv_patch_rows(prev: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor, stride: Sequence[int],
+                    padding: Sequence[int], dilation: Sequence[int], prev_stride: Sequence[int],
+                    prev_offset: Sequence[int], in_shape: Sequence[int]) -> torch.Tensor:
+    """Native rows of a conv layer on their receptive fields, from the previous layer's rows.
+
+    prev [Bp, C, Hp, Wp, Cin, Rph, Rpw] (any strides; Bp = 1: shared by the samples) are rows on
+    windows of the input with cumulative stride prev_stride and offset prev_offset; mask
+    [n, C, Hp, Wp] their activation slopes (or None). weight [O, C, kh, kw] with stride, padding and
+    dilation is the conv. Returns the rows [n, O, Ho, Wo, Cin, Rh, Rw], Rh = (kh-1)*dilation*
+    prev_stride + Rph, zero outside in_shape; taps on the conv's zero padding and units with a zero
+    slope cost nothing. Differentiable in prev and weight.
+    """
+    ints = [[int(v) for v in arg] for arg in (stride, padding, dilation, prev_stride, prev_offset, in_shape)]
+    return torch.ops.mmr_ext.conv_patch_rows(prev, mask, weight.contiguous(), *ints)

@@ -31,6 +31,31 @@ def conv_transpose_row_distances_fake(f, maps, mask, weight, stride, padding, di
     return f.new_empty((len(qs), maps.shape[0], maps.shape[1]))
 
 
+@torch.library.register_fake("mmr_ext::patch_linear_rows")
+def patch_linear_rows_fake(patches, mask, weight, grid, window, stride, offset, in_shape):
+    return patches.new_empty((patches.shape[0], weight.shape[0], in_shape[0] * in_shape[1] * in_shape[2]))
+
+
+@torch.library.register_fake("mmr_ext::patch_linear_rows_backward")
+def patch_linear_rows_backward_fake(grad, patches, mask, weight, grid, window, stride, offset, in_shape):
+    return patches.new_empty(patches.shape), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mmr_ext::conv_patch_rows")
+def conv_patch_rows_fake(prev, mask, weight, stride, padding, dilation, prev_stride, prev_offset, in_shape):
+    n = prev.shape[0] if mask is None else mask.shape[0]
+    grid = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(prev.shape[2:4], weight.shape[2:], stride, padding, dilation)]
+    window = [(k - 1) * d * ps + r for k, d, ps, r in zip(weight.shape[2:], dilation, prev_stride, prev.shape[5:])]
+    return prev.new_empty((n, weight.shape[0], *grid, prev.shape[4], *window))
+
+
+@torch.library.register_fake("mmr_ext::conv_patch_rows_backward")
+def conv_patch_rows_backward_fake(grad, prev, mask, weight, stride, padding, dilation, prev_stride, prev_offset,
+                                  in_shape):
+    return prev.new_empty(prev.shape), torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 def _row_distances_setup(ctx, inputs, output):
     f, rows, qs, is_signed = inputs
     dist, norm = output
@@ -59,8 +84,37 @@ def _topk_hinge_backward(ctx, grad_value, _grad_index):
     return torch.ops.mmr_ext.topk_hinge_backward(grad_value.contiguous(), dist, index, ctx.gamma), None, None
 
 
+def _patch_linear_rows_setup(ctx, inputs, output):
+    patches, mask, weight, *geometry = inputs
+    ctx.save_for_backward(patches, mask, weight)
+    ctx.geometry = geometry
+
+
+def _patch_linear_rows_backward(ctx, grad_rows):
+    patches, mask, weight = ctx.saved_tensors
+    grad_patches, grad_weight = torch.ops.mmr_ext.patch_linear_rows_backward(grad_rows, patches, mask, weight,
+                                                                             *ctx.geometry)
+    return grad_patches, None, grad_weight, None, None, None, None, None
+
+
+def _conv_patch_rows_setup(ctx, inputs, output):
+    prev, mask, weight, *geometry = inputs
+    ctx.save_for_backward(prev, mask, weight)
+    ctx.geometry = geometry
+
+
+def _conv_patch_rows_backward(ctx, grad_rows):
+    prev, mask, weight = ctx.saved_tensors
+    grad_prev, grad_weight = torch.ops.mmr_ext.conv_patch_rows_backward(grad_rows, prev, mask, weight, *ctx.geometry)
+    return grad_prev, None, grad_weight, None, None, None, None, None, None
+
+
 torch.library.register_autograd("mmr_ext::row_distances", _row_distances_backward, setup_context=_row_distances_setup)
 torch.library.register_autograd("mmr_ext::topk_hinge", _topk_hinge_backward, setup_context=_topk_hinge_setup)
+torch.library.register_autograd("mmr_ext::patch_linear_rows", _patch_linear_rows_backward,
+                                setup_context=_patch_linear_rows_setup)
+torch.library.register_autograd("mmr_ext::conv_patch_rows", _conv_patch_rows_backward,
+                                setup_context=_conv_patch_rows_setup)
 
 
 def _no_derivative(name):
@@ -70,5 +124,6 @@ def _no_derivative(name):
     return backward
 
 
-for _name in ("row_distances_backward", "topk_hinge_backward", "conv_transpose_row_distances"):
+for _name in ("row_distances_backward", "topk_hinge_backward", "conv_transpose_row_distances",
+              "patch_linear_rows_backward", "conv_patch_rows_backward"):
     torch.library.register_autograd(f"mmr_ext::{_name}", _no_derivative(_name))

@@ -2,6 +2,7 @@
 // through the dispatcher as torch.ops.mmr_ext registered them.
 #include "conv_rows.h"
 #include "geometry.h"
+#include "patch_rows.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -146,6 +147,51 @@ void test_conv_transpose_step() {
   expect_near(dist[0][0][0].item<double>(), 3.0 / l1, 1e-15, "fused step distance");
 }
 
+// The gather form of the CUDA kernel of patch_linear_rows (gather_pixel over covering positions)
+// equals the CPU kernel's scatter of GEMM blocks.
+void test_patch_linear_gather_matches_cpu_op() {
+  const mmr::PatchGeometry g{3, 2, 2, 5, 4, 2, 2, 1, 2, 7, 6};  // H W Cin Rh Rw Sh Sw Ph Pw Hin Win
+  const int64_t n = 2, O = 3, K = 4, L = g.H * g.W, E = g.Cin * g.Rh * g.Rw;
+  at::manual_seed(0);
+  at::Tensor patches = at::randn({n, O, L, E}, at::kDouble);
+  at::Tensor mask = at::rand({n, O, L}, at::kDouble).gt(0.3).to(at::kDouble);
+  at::Tensor weight = at::randn({K, O * L}, at::kDouble);
+  const double* P = patches.data_ptr<double>();
+  const double* M = mask.data_ptr<double>();
+  const double* W = weight.data_ptr<double>();
+  // window entries outside the input must be zero in the patches (the engine's invariant)
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t e = 0; e < E; ++e) {
+          const int64_t pixel = mmr::window_pixel(g, l / g.W, l % g.W, e / (g.Rh * g.Rw), (e / g.Rw) % g.Rh, e % g.Rw);
+          if (pixel < 0) patches[b][o][l][e] = 0.0;
+        }
+      }
+    }
+  }
+  using IntList = c10::ArrayRef<int64_t>;
+  at::Tensor rows = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, IntList,
+                                  IntList, IntList, IntList, IntList)>("mmr_ext::patch_linear_rows")
+             .call(patches, mask, weight, {g.H, g.W}, {g.Cin, g.Rh, g.Rw}, {g.Sh, g.Sw}, {g.Ph, g.Pw},
+                   {g.Cin, g.Hin, g.Win});
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t cin = 0; cin < g.Cin; ++cin) {
+        for (int64_t iy = 0; iy < g.Hin; ++iy) {
+          for (int64_t ix = 0; ix < g.Win; ++ix) {
+            const double gathered = mmr::gather_pixel<double>(
+                g, O, cin, iy, ix, [&](int64_t o, int64_t l) { return W[k * O * L + o * L + l] * M[(b * O + o) * L + l]; },
+                [&](int64_t o, int64_t l, int64_t e) { return P[((b * O + o) * L + l) * E + e]; });
+            expect_near(rows[b][k][(cin * g.Hin + iy) * g.Win + ix].item<double>(), gathered, 1e-12,
+                        "patch_linear_rows gather form");
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -153,6 +199,7 @@ int main() {
   test_distances_and_hinge();
   test_cpu_ops();
   test_conv_transpose_step();
+  test_patch_linear_gather_matches_cpu_op();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;

@@ -1,7 +1,7 @@
-"""Rows built on demand (a second conv's rows from masked kernels; fully connected layers after
-convolutions, in reverse order): values and gradients against the reference for every chunk size
-and both orders of the first Linear after convolutions, and a backward that rebuilds only the rows
-whose distance has a gradient."""
+"""Rows of fully connected layers after convolutions, built on demand in reverse order or
+explicitly in forward order from the receptive-field rows: values and gradients against the
+reference for every chunk size and both orders, and a backward that rebuilds only the rows whose
+distance has a gradient."""
 import math
 
 import pytest
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext.geometry import MemoryBudget, compute_geometry, conv_rows, engine, reverse_rows, steps
+from mmr_ext.geometry import MemoryBudget, compute_geometry, engine, reverse_rows, steps
 from mmr_ext.native import available
 from oracles import (NORMS, assert_distances_close, distances_and_grads, gradcheck_distances, make_model,
                       randomize_batchnorm)
@@ -64,23 +64,23 @@ def test_on_demand_rows_gradcheck(reverse_order):
 
 
 def test_backward_rebuilds_only_rows_with_a_gradient(reverse_order, monkeypatch):
-    model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (on demand), fc 10 (on demand)
+    model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (explicit), fc 10 (on demand)
     rebuilt = {}
-    for cls in (reverse_rows.ReverseRows, conv_rows.MaskedKernelRows):
-        def spy(self, samples, units, tensors=None, _original=cls.rows_of, _name=cls.__name__):
-            if units is not None:
-                rebuilt[_name] = rebuilt.get(_name, 0) + units.numel()
-            return _original(self, samples, units, tensors)
-        monkeypatch.setattr(cls, "rows_of", spy)
+
+    def spy(self, samples, units, tensors=None, _original=reverse_rows.ReverseRows.rows_of):
+        if units is not None:
+            rebuilt["ReverseRows"] = rebuilt.get("ReverseRows", 0) + units.numel()
+        return _original(self, samples, units, tensors)
+    monkeypatch.setattr(reverse_rows.ReverseRows, "rows_of", spy)
     b, _ = mmr_ext.region_distances(model, x, math.inf)
     assert b.shape[1] == 3 * 36 + 4 * 9 + 10
     weight = torch.zeros_like(b)
-    weight[0, 108 + 5] = 1.0  # second conv
+    weight[0, 108 + 5] = 1.0  # second conv: explicit rows, nothing to rebuild
     weight[1, 108 + 36 + 3] = 1.0  # fc
     weight[2, 108 + 36 + 7] = 2.0
     weight[4, 0] = 1.0  # first conv: shared rows, nothing to rebuild
     (b.nan_to_num(posinf=0.0) * weight).sum().backward()
-    assert rebuilt == {"MaskedKernelRows": 1, "ReverseRows": 2}
+    assert rebuilt == {"ReverseRows": 2}
 
 
 def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(reverse_order):

@@ -1,0 +1,257 @@
+// CPU kernels of conv_patch_rows and its backward (geometry in ../patch_rows.h, argument checks in
+// ../checks.h). Per sample and output position, every in-grid tap (c, i, j) whose unit has a nonzero
+// slope adds the previous unit's row, scaled by the slope and the tap's weights of all output
+// channels, at the tap's offset inside the output window: O-wide multiply-adds on a transposed
+// [window, O] scratch that stays in cache, no multiplication by the zeros outside the receptive
+// fields. The backward runs the same loops with the incoming gradient.
+#include "../checks.h"
+#include "../patch_rows.h"
+#include "simd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+namespace mmr {
+
+namespace {
+
+// The operands: previous rows prev [Bp, C, Hp, Wp, E'] (Bp = 1: shared by the samples; windows
+// contiguous), slopes [n, C, Hp, Wp] or none, the weight transposed to [C, kh, kw, O].
+template <typename scalar_t>
+struct ConvPatchOperands {
+  const scalar_t* prev;
+  int64_t pb, pc, py, px;
+  const scalar_t* mask;
+  int64_t mb, mc, my, mx;
+  const scalar_t* weight_t;
+
+  const scalar_t* prev_row(int64_t b, int64_t c, int64_t y, int64_t x) const {
+    return prev + b * pb + c * pc + y * py + x * px;
+  }
+  scalar_t slope(int64_t b, int64_t c, int64_t y, int64_t x) const {
+    return mask == nullptr ? scalar_t(1) : mask[b * mb + c * mc + y * my + x * mx];
+  }
+};
+
+template <typename scalar_t>
+ConvPatchOperands<scalar_t> conv_patch_operands(const at::Tensor& prev, const at::Tensor& mask,
+                                                const at::Tensor& weight_t) {
+  ConvPatchOperands<scalar_t> op{prev.data_ptr<scalar_t>(), prev.size(0) == 1 ? 0 : prev.stride(0), prev.stride(1),
+                                 prev.stride(2), prev.stride(3), nullptr, 0, 0, 0, 0,
+                                 weight_t.data_ptr<scalar_t>()};
+  if (mask.defined()) {
+    op.mask = mask.data_ptr<scalar_t>();
+    op.mb = mask.stride(0);
+    op.mc = mask.stride(1);
+    op.my = mask.stride(2);
+    op.mx = mask.stride(3);
+  }
+  return op;
+}
+
+// Calls visit(previous-window entry, output-window entry) for every entry of a previous window.
+template <typename Visit>
+MMR_ALWAYS_INLINE void for_placed_entries(const ConvPatchGeometry& g, int64_t i, int64_t j, Visit visit) {
+  int64_t ep = 0;
+  for (int64_t cin = 0; cin < g.Cin; ++cin) {
+    for (int64_t a = 0; a < g.Rph; ++a) {
+      const int64_t base = placed_entry(g, i, j, cin, a, 0);
+      for (int64_t b = 0; b < g.Rpw; ++b, ++ep) visit(ep, base + b);
+    }
+  }
+}
+
+// Calls visit(c, i, j, slope, previous row) for every tap of output position (y, x) of sample b that
+// reads a unit inside the grid with a nonzero slope.
+template <typename scalar_t, typename Visit>
+MMR_ALWAYS_INLINE void for_active_taps(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
+                                       int64_t y, int64_t x, Visit visit) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        int64_t yp, xp;
+        if (!tap_source(g, y, x, i, j, &yp, &xp)) continue;
+        const scalar_t s = op.slope(b, c, yp, xp);
+        if (s == scalar_t(0)) continue;
+        visit(c, i, j, s, op.prev_row(b, c, yp, xp), yp, xp);
+      }
+    }
+  }
+}
+
+// inside[e]: whether output-window entry e of position (y, x) lies inside the input.
+MMR_ALWAYS_INLINE void inside_entries(const ConvPatchGeometry& g, int64_t y, int64_t x, unsigned char* inside) {
+  const PatchGeometry& w = g.out;
+  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
+  for (int64_t cin = 0, e = 0; cin < w.Cin; ++cin) {
+    for (int64_t u = 0; u < w.Rh; ++u) {
+      for (int64_t v = 0; v < w.Rw; ++v, ++e) inside[e] = u >= us.begin && u < us.end && v >= vs.begin && v < vs.end;
+    }
+  }
+}
+
+// The rows of sample b: out [O, Ho*Wo, E]; scratch [E, O] and inside [E].
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void sample_rows(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
+                                   scalar_t* __restrict__ out, scalar_t* __restrict__ scratch,
+                                   unsigned char* __restrict__ inside) {
+  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t y = l / g.out.W, x = l % g.out.W;
+    std::fill(scratch, scratch + E * O, scalar_t(0));
+    for_active_taps<scalar_t>(g, op, b, y, x, [&](int64_t c, int64_t i, int64_t j, scalar_t s, const scalar_t* row,
+                                                  int64_t, int64_t) {
+      const scalar_t* w = op.weight_t + ((c * g.kh + i) * g.kw + j) * O;
+      for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) {
+        const scalar_t v = row[ep] * s;
+        if (v != scalar_t(0)) axpy<scalar_t>(scratch + e * O, w, v, O);
+      });
+    });
+    inside_entries(g, y, x, inside);
+    for (int64_t o = 0; o < O; ++o) {
+      scalar_t* row = out + (o * L + l) * E;
+      for (int64_t e = 0; e < E; ++e) row[e] = inside[e] ? scratch[e * O + o] : scalar_t(0);
+    }
+  }
+}
+
+// The gradients of sample b: grad_out [O, Ho*Wo, E] in; grad_weight_t [C, kh, kw, O] and
+// grad_prev [C, Hp, Wp, E'] accumulated; scratch [E, O] and inside [E].
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void sample_grads(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
+                                    const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_weight_t,
+                                    scalar_t* __restrict__ grad_prev, scalar_t* __restrict__ scratch,
+                                    unsigned char* __restrict__ inside) {
+  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out), Ep = prev_window_size_of(g);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t y = l / g.out.W, x = l % g.out.W;
+    inside_entries(g, y, x, inside);
+    for (int64_t o = 0; o < O; ++o) {
+      const scalar_t* row = grad_out + (o * L + l) * E;
+      for (int64_t e = 0; e < E; ++e) scratch[e * O + o] = inside[e] ? row[e] : scalar_t(0);
+    }
+    for_active_taps<scalar_t>(g, op, b, y, x, [&](int64_t c, int64_t i, int64_t j, scalar_t s, const scalar_t* row,
+                                                  int64_t yp, int64_t xp) {
+      const int64_t tap = (c * g.kh + i) * g.kw + j;
+      const scalar_t* w = op.weight_t + tap * O;
+      scalar_t* gw = grad_weight_t + tap * O;
+      scalar_t* gp = grad_prev + ((c * g.Hp + yp) * g.Wp + xp) * Ep;
+      for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) {
+        const scalar_t* ge = scratch + e * O;
+        const scalar_t v = row[ep] * s;
+        if (v != scalar_t(0)) axpy<scalar_t>(gw, ge, v, O);
+        gp[ep] += s * dot<scalar_t>(w, ge, O);
+      });
+    });
+  }
+}
+
+template <typename scalar_t>
+struct SampleKernels;
+
+#define MMR_SAMPLE_KERNELS(scalar_t)                                                                              \
+  MMR_SIMD_CLONES void sample_rows_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op,  \
+                                              int64_t b, scalar_t* out, scalar_t* scratch, unsigned char* inside) {\
+    sample_rows<scalar_t>(g, op, b, out, scratch, inside);                                                        \
+  }                                                                                                               \
+  MMR_SIMD_CLONES void sample_grads_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, \
+                                               int64_t b, const scalar_t* grad_out, scalar_t* grad_weight_t,      \
+                                               scalar_t* grad_prev, scalar_t* scratch, unsigned char* inside) {   \
+    sample_grads<scalar_t>(g, op, b, grad_out, grad_weight_t, grad_prev, scratch, inside);                        \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  struct SampleKernels<scalar_t> {                                                                                \
+    static constexpr auto rows = &sample_rows_##scalar_t;                                                         \
+    static constexpr auto grads = &sample_grads_##scalar_t;                                                       \
+  };
+
+MMR_SAMPLE_KERNELS(float)
+MMR_SAMPLE_KERNELS(double)
+#undef MMR_SAMPLE_KERNELS
+
+at::Tensor transposed_weight(const at::Tensor& weight) { return weight.permute({1, 2, 3, 0}).contiguous(); }
+
+at::Tensor conv_patch_rows_cpu(const at::Tensor& prev_in, const std::optional<at::Tensor>& mask_in,
+                               const at::Tensor& weight, c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+                               c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> prev_stride,
+                               c10::ArrayRef<int64_t> prev_offset, c10::ArrayRef<int64_t> in_shape) {
+  const ConvPatchGeometry g = check_conv_patch_rows(prev_in, mask_in, weight, stride, padding, dilation, prev_stride,
+                                                    prev_offset, in_shape);
+  const at::Tensor prev = contiguous_windows(prev_in), mask = mask_in.value_or(at::Tensor());
+  const at::Tensor weight_t = transposed_weight(weight);
+  const int64_t n = mask.defined() ? mask.size(0) : prev.size(0);
+  const int64_t E = window_size_of(g.out), L = positions_of(g.out);
+  at::Tensor out = at::empty({n, g.O, g.out.H, g.out.W, g.Cin, g.out.Rh, g.out.Rw}, prev.options());
+  AT_DISPATCH_FLOATING_TYPES(prev.scalar_type(), "conv_patch_rows_cpu", [&] {
+    const ConvPatchOperands<scalar_t> op = conv_patch_operands<scalar_t>(prev, mask, weight_t);
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(E * g.O);
+      std::vector<unsigned char> inside(E);
+      for (int64_t b = begin; b < end; ++b) {
+        SampleKernels<scalar_t>::rows(g, op, b, outp + b * g.O * L * E, scratch.data(), inside.data());
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_patch_rows_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& prev_in, const std::optional<at::Tensor>& mask_in,
+    const at::Tensor& weight, c10::ArrayRef<int64_t> stride, c10::ArrayRef<int64_t> padding,
+    c10::ArrayRef<int64_t> dilation, c10::ArrayRef<int64_t> prev_stride, c10::ArrayRef<int64_t> prev_offset,
+    c10::ArrayRef<int64_t> in_shape) {
+  const ConvPatchGeometry g = check_conv_patch_rows_backward(grad_in, prev_in, mask_in, weight, stride, padding,
+                                                             dilation, prev_stride, prev_offset, in_shape);
+  const at::Tensor prev = contiguous_windows(prev_in), mask = mask_in.value_or(at::Tensor());
+  const at::Tensor weight_t = transposed_weight(weight), grad = grad_in.contiguous();
+  const int64_t n = grad.size(0), Bp = prev.size(0);
+  const int64_t E = window_size_of(g.out), L = positions_of(g.out);
+  const int64_t prev_numel = g.C * g.Hp * g.Wp * prev_window_size_of(g), taps = g.C * g.kh * g.kw;
+  at::Tensor grad_prev = at::zeros({Bp, g.C, g.Hp, g.Wp, g.Cin, g.Rph, g.Rpw}, prev.options());
+  at::Tensor grad_weight_t = at::zeros({g.C, g.kh, g.kw, g.O}, prev.options());
+  AT_DISPATCH_FLOATING_TYPES(prev.scalar_type(), "conv_patch_rows_backward_cpu", [&] {
+    const ConvPatchOperands<scalar_t> op = conv_patch_operands<scalar_t>(prev, mask, weight_t);
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* gprev = grad_prev.data_ptr<scalar_t>();
+    // per-thread weight gradients (and, for rows shared by the samples, previous-row gradients)
+    const int threads = at::get_num_threads();
+    std::vector<std::vector<scalar_t>> weight_parts(threads), prev_parts(Bp == 1 ? threads : 0);
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      const int t = at::get_thread_num();
+      weight_parts[t].resize(taps * g.O, scalar_t(0));
+      if (Bp == 1) prev_parts[t].resize(prev_numel, scalar_t(0));
+      std::vector<scalar_t> scratch(E * g.O);
+      std::vector<unsigned char> inside(E);
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* gprev_b = Bp == 1 ? prev_parts[t].data() : gprev + b * prev_numel;
+        SampleKernels<scalar_t>::grads(g, op, b, gp + b * g.O * L * E, weight_parts[t].data(), gprev_b, scratch.data(),
+                                       inside.data());
+      }
+    });
+    scalar_t* gw = grad_weight_t.data_ptr<scalar_t>();
+    for (const auto& part : weight_parts) {
+      for (size_t i = 0; i < part.size(); ++i) gw[i] += part[i];
+    }
+    for (const auto& part : prev_parts) {
+      for (size_t i = 0; i < part.size(); ++i) gprev[i] += part[i];
+    }
+  });
+  return {grad_prev, grad_weight_t.permute({3, 0, 1, 2}).contiguous()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmr_ext, CPU, m) {
+  m.impl("conv_patch_rows", &conv_patch_rows_cpu);
+  m.impl("conv_patch_rows_backward", &conv_patch_rows_backward_cpu);
+}
+
+}  // namespace mmr
