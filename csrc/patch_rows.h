@@ -107,4 +107,38 @@ MMR_HD bool tap_source(const ConvPatchGeometry& g, int64_t y, int64_t x, int64_t
   return *yp >= 0 && *yp < g.Hp && *xp >= 0 && *xp < g.Wp;
 }
 
+// The kernel offsets i (along one axis) whose previous window covers output-window coordinate u:
+// [first, last), with step the offset of consecutive taps and prev_size the previous window.
+MMR_HD Span covering_taps(int64_t u, int64_t step, int64_t prev_size, int64_t k) {
+  int64_t first = u - prev_size + 1;
+  first = first <= 0 ? 0 : (first + step - 1) / step;
+  int64_t last = u / step + 1;
+  return {first, last < k ? last : k};
+}
+
+// Entry (cin, u, v) of the row of output unit (o, y, x): the sum over the active taps (i, j, c) that
+// cover it of weight(o, c, i, j) * slope(c, yp, xp) * prev(c, yp, xp, previous-window entry); zero
+// outside the input. The CUDA kernel runs this per entry; it is the gather form of the CPU kernel's
+// multiply-adds.
+template <typename acc_t, typename Weight, typename Slope, typename Prev>
+MMR_HD acc_t conv_row_entry(const ConvPatchGeometry& g, int64_t o, int64_t y, int64_t x, int64_t cin, int64_t u,
+                            int64_t v, Weight weight, Slope slope, Prev prev) {
+  if (window_pixel(g.out, y, x, cin, u, v) < 0) return acc_t(0);
+  const Span is = covering_taps(u, g.step_h, g.Rph, g.kh), js = covering_taps(v, g.step_w, g.Rpw, g.kw);
+  acc_t sum = 0;
+  for (int64_t i = is.begin; i < is.end; ++i) {
+    for (int64_t j = js.begin; j < js.end; ++j) {
+      int64_t yp, xp;
+      if (!tap_source(g, y, x, i, j, &yp, &xp)) continue;
+      const int64_t ep = (cin * g.Rph + u - i * g.step_h) * g.Rpw + v - j * g.step_w;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const acc_t s = static_cast<acc_t>(slope(c, yp, xp));
+        if (s == acc_t(0)) continue;
+        sum += static_cast<acc_t>(weight(o, c, i, j)) * s * static_cast<acc_t>(prev(c, yp, xp, ep));
+      }
+    }
+  }
+  return sum;
+}
+
 }  // namespace mmr

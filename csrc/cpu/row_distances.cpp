@@ -3,11 +3,13 @@
 #include "../checks.h"
 #include "../geometry.h"
 #include "row_norms.h"
+#include "simd.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -17,6 +19,49 @@
 namespace mmr {
 
 namespace {
+
+// out[0:D] += c * d||row||_q / d row for one norm whose kind is fixed at compile time (the switch
+// of norm_grad folds away and the loop vectorizes).
+template <NormKind kKind, typename scalar_t>
+MMR_ALWAYS_INLINE void add_norm_grad(scalar_t* __restrict__ out, const scalar_t* __restrict__ row, int64_t D, scalar_t c,
+                                     scalar_t n, scalar_t q, scalar_t ties) {
+  for (int64_t i = 0; i < D; ++i) out[i] += c * norm_grad<scalar_t>(kKind, row[i], n, q, ties);
+}
+
+// The gradient of one row, out[0:D] = sum_k coeff[k] d||row||_qk / d row (out zeroed first).
+template <typename scalar_t, typename acc_t>
+MMR_ALWAYS_INLINE void row_gradient(scalar_t* out, const scalar_t* row, int64_t D, const NormSet& norms,
+                                    const acc_t* coeff, const acc_t* n, acc_t ties) {
+  std::fill(out, out + D, scalar_t(0));
+  for (int k = 0; k < norms.count; ++k) {
+    if (coeff[k] == acc_t(0)) continue;
+    const scalar_t c = static_cast<scalar_t>(coeff[k]), nk = static_cast<scalar_t>(n[k]);
+    const scalar_t q = static_cast<scalar_t>(norms.q[k]), t = static_cast<scalar_t>(ties);
+    switch (norms.kind[k]) {
+      case NormKind::L1: add_norm_grad<NormKind::L1, scalar_t>(out, row, D, c, nk, q, t); break;
+      case NormKind::L2: add_norm_grad<NormKind::L2, scalar_t>(out, row, D, c, nk, q, t); break;
+      case NormKind::Linf: add_norm_grad<NormKind::Linf, scalar_t>(out, row, D, c, nk, q, t); break;
+      default: add_norm_grad<NormKind::General, scalar_t>(out, row, D, c, nk, q, t);
+    }
+  }
+}
+
+template <typename scalar_t>
+struct RowGradient;
+
+#define MMR_ROW_GRADIENT(scalar_t)                                                                              \
+  MMR_SIMD_CLONES void row_gradient_##scalar_t(scalar_t* out, const scalar_t* row, int64_t D, const NormSet& norms, \
+                                               const double* coeff, const double* n, double ties) {            \
+    row_gradient<scalar_t, double>(out, row, D, norms, coeff, n, ties);                                         \
+  }                                                                                                             \
+  template <>                                                                                                   \
+  struct RowGradient<scalar_t> {                                                                                \
+    static constexpr auto run = &row_gradient_##scalar_t;                                                       \
+  };
+
+MMR_ROW_GRADIENT(float)
+MMR_ROW_GRADIENT(double)
+#undef MMR_ROW_GRADIENT
 
 std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, const at::Tensor& rows_in,
                                                      c10::ArrayRef<double> qs, bool is_signed) {
@@ -63,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
   const int64_t B = f.size(0), Br = rows.size(0), R = rows.size(1), D = rows.size(2);
   const int Q = norms.count;
   at::Tensor grad_f = at::zeros_like(f);
-  at::Tensor grad_rows = at::zeros_like(rows);
+  at::Tensor grad_rows = at::empty_like(rows);  // every row is written below
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "row_distances_backward_cpu", [&] {
     using acc_t = at::acc_type<scalar_t, false>;
     const scalar_t* rp = rows.data_ptr<scalar_t>();
@@ -98,7 +143,10 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
           any = any || coeff[k] != acc_t(0);
           need_ties = need_ties || (coeff[k] != acc_t(0) && norms.kind[k] == NormKind::Linf);
         }
-        if (!any) continue;
+        if (!any) {
+          std::fill(grp + t * D, grp + (t + 1) * D, scalar_t(0));
+          continue;
+        }
         const scalar_t* row = rp + t * D;
         acc_t ties = 1;
         if (need_ties) {
@@ -107,17 +155,7 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
           ties = 0;
           for (int64_t i = 0; i < D; ++i) ties += abs_val(static_cast<acc_t>(row[i])) == maxabs ? acc_t(1) : acc_t(0);
         }
-        scalar_t* out = grp + t * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const acc_t v = static_cast<acc_t>(row[i]);
-          acc_t total = 0;
-          for (int k = 0; k < Q; ++k) {
-            if (coeff[k] != acc_t(0)) {
-              total += coeff[k] * norm_grad<acc_t>(norms.kind[k], v, n[k], static_cast<acc_t>(norms.q[k]), ties);
-            }
-          }
-          out[i] = static_cast<scalar_t>(total);
-        }
+        RowGradient<scalar_t>::run(grp + t * D, row, D, norms, coeff, n, ties);
       }
     });
   });

@@ -192,6 +192,53 @@ void test_patch_linear_gather_matches_cpu_op() {
   }
 }
 
+// The gather form of the CUDA kernel of conv_patch_rows (conv_row_entry) equals the CPU kernel.
+void test_conv_row_gather_matches_cpu_op() {
+  at::manual_seed(1);
+  const int64_t n = 2, C = 3, Hp = 5, Cin = 2, Rp = 3, O = 4, k = 3;
+  at::Tensor prev = at::randn({n, C, Hp, Hp, Cin, Rp, Rp}, at::kDouble);
+  at::Tensor mask = at::rand({n, C, Hp, Hp}, at::kDouble).gt(0.3).to(at::kDouble);
+  at::Tensor weight = at::randn({O, C, k, k}, at::kDouble);
+  using IntList = c10::ArrayRef<int64_t>;
+  const std::vector<int64_t> stride{2, 1}, padding{1, 1}, dilation{1, 2}, prev_stride{2, 2}, prev_offset{1, 0},
+      in_shape{Cin, 10, 9};
+  at::Tensor out = op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, IntList,
+                                 IntList, IntList, IntList, IntList, IntList)>("mmr_ext::conv_patch_rows")
+                       .call(prev, mask, weight, stride, padding, dilation, prev_stride, prev_offset, in_shape);
+  mmr::ConvPatchGeometry g{};
+  g.C = C; g.Hp = Hp; g.Wp = Hp; g.Cin = Cin; g.Rph = Rp; g.Rpw = Rp; g.O = O; g.kh = k; g.kw = k;
+  g.sh = stride[0]; g.sw = stride[1]; g.ph = padding[0]; g.pw = padding[1]; g.dh = dilation[0]; g.dw = dilation[1];
+  g.step_h = g.dh * prev_stride[0];
+  g.step_w = g.dw * prev_stride[1];
+  g.out = {out.size(2), out.size(3), Cin, out.size(5), out.size(6), g.sh * prev_stride[0], g.sw * prev_stride[1],
+           g.ph * prev_stride[0] + prev_offset[0], g.pw * prev_stride[1] + prev_offset[1], in_shape[1], in_shape[2]};
+  auto P = prev.accessor<double, 7>();
+  auto M = mask.accessor<double, 4>();
+  auto W = weight.accessor<double, 4>();
+  auto R = out.accessor<double, 7>();
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t y = 0; y < g.out.H; ++y) {
+        for (int64_t x = 0; x < g.out.W; ++x) {
+          for (int64_t cin = 0; cin < Cin; ++cin) {
+            for (int64_t u = 0; u < g.out.Rh; ++u) {
+              for (int64_t v = 0; v < g.out.Rw; ++v) {
+                const double gathered = mmr::conv_row_entry<double>(
+                    g, o, y, x, cin, u, v, [&](int64_t oo, int64_t c, int64_t i, int64_t j) { return W[oo][c][i][j]; },
+                    [&](int64_t c, int64_t yp, int64_t xp) { return M[b][c][yp][xp]; },
+                    [&](int64_t c, int64_t yp, int64_t xp, int64_t ep) {
+                      return P[b][c][yp][xp][ep / (Rp * Rp)][(ep / Rp) % Rp][ep % Rp];
+                    });
+                expect_near(R[b][o][y][x][cin][u][v], gathered, 1e-12, "conv_patch_rows gather form");
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -200,6 +247,7 @@ int main() {
   test_cpu_ops();
   test_conv_transpose_step();
   test_patch_linear_gather_matches_cpu_op();
+  test_conv_row_gather_matches_cpu_op();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
