@@ -2,8 +2,8 @@
 // ../checks.h). Per sample and unit position, the Linear layer's weights for the position's active
 // units (times their activation slopes) multiply the units' patch rows in one small GEMM, whose
 // result is added onto the input-space rows; units with a zero slope are skipped (they contribute
-// exactly zero). The backward gathers the incoming gradient onto each window and runs the two
-// transposed GEMMs.
+// exactly zero). The backward gathers the incoming gradient of the rows that have one onto each
+// window and runs the two transposed GEMMs.
 #include "../checks.h"
 #include "../patch_rows.h"
 #include "blas.h"
@@ -171,21 +171,35 @@ std::tuple<at::Tensor, at::Tensor> patch_linear_rows_backward_cpu(
       std::vector<scalar_t>& gw = partial[at::get_thread_num()];
       if (gw.empty()) gw.assign(K * OL, scalar_t(0));
       PositionScratch<scalar_t> s(op);
-      std::vector<scalar_t> window_grad(K * E), unit_grad(K * O);
+      std::vector<scalar_t> window_grad(K * E), unit_grad(K * O), rows_grad(K * D), A(K * O);
+      std::vector<int64_t> rows_with_grad;
       for (int64_t b = begin; b < end; ++b) {
+        // only the rows with a nonzero incoming gradient contribute (after a top-k selection, few)
+        rows_with_grad.clear();
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* src = gp + (b * K + k) * D;
+          if (std::any_of(src, src + D, [](scalar_t v) { return v != scalar_t(0); })) {
+            std::copy_n(src, D, rows_grad.data() + rows_with_grad.size() * D);
+            rows_with_grad.push_back(k);
+          }
+        }
+        const int64_t R = static_cast<int64_t>(rows_with_grad.size());
+        if (R == 0) continue;
         for (int64_t l = 0; l < L; ++l) {
           const int64_t active = s.gather(op, b, l);
           if (active == 0) continue;
-          read_window<scalar_t>(g, l / g.W, l % g.W, K, gp + b * K * D, window_grad.data());
-          // d rows / d patches: A^T [active, K] @ window_grad [K, E]
-          matmul<scalar_t>(true, false, active, E, K, s.A.data(), active, window_grad.data(), E, s.Y.data(), E);
+          for (int64_t r = 0; r < R; ++r) std::copy_n(s.A.data() + rows_with_grad[r] * active, active, A.data() + r * active);
+          read_window<scalar_t>(g, l / g.W, l % g.W, R, rows_grad.data(), window_grad.data());
+          // d rows / d patches: A^T [active, R] @ window_grad [R, E]
+          matmul<scalar_t>(true, false, active, E, R, A.data(), active, window_grad.data(), E, s.Y.data(), E);
           for (int64_t a = 0; a < active; ++a) {
             std::copy_n(s.Y.data() + a * E, E, gpatch + ((b * O + s.units[a]) * L + l) * E);
           }
-          // d rows / d weight: window_grad [K, E] @ P^T [E, active], times the slopes
-          matmul<scalar_t>(false, true, K, active, E, window_grad.data(), E, s.P.data(), E, unit_grad.data(), active);
-          for (int64_t k = 0; k < K; ++k) {
-            for (int64_t a = 0; a < active; ++a) gw[(l * K + k) * O + s.units[a]] += unit_grad[k * active + a] * s.slopes[a];
+          // d rows / d weight: window_grad [R, E] @ P^T [E, active], times the slopes
+          matmul<scalar_t>(false, true, R, active, E, window_grad.data(), E, s.P.data(), E, unit_grad.data(), active);
+          for (int64_t r = 0; r < R; ++r) {
+            scalar_t* dst = gw.data() + (l * K + rows_with_grad[r]) * O;
+            for (int64_t a = 0; a < active; ++a) dst[s.units[a]] += unit_grad[r * active + a] * s.slopes[a];
           }
         }
       }

@@ -217,3 +217,24 @@ def test_cuda_matches_cpu(dtype, tol):
     n, O, H, W = P.shape[:4]
     assert_cuda_matches_cpu(lambda p, w, m, *a: native.patch_linear_rows(p, m, w, *a),
                             (P.reshape(n, O, H * W, -1).to(dtype), weight.to(dtype)), (mask.to(dtype),), args, tol)
+
+
+def test_patch_linear_rows_backward_with_rows_without_gradient():
+    """Rows whose incoming gradient is zero (most of them after a top-k selection) are skipped by
+    the backward: the gradients still equal the dense reference's."""
+    P, mask, weight, args = linear_case(n=3, K=6)
+    n, O, H, W = P.shape[:4]
+    flat = P.reshape(n, O, H * W, -1).requires_grad_()
+    weight.requires_grad_()
+    rows = native.patch_linear_rows(flat, mask, weight, *args)
+    grad = torch.randn_like(rows)
+    grad[0, :4] = 0  # sample 0: two rows with a gradient
+    grad[1] = 0  # sample 1: none
+    got = torch.autograd.grad(rows, [flat, weight], grad)
+    leaf = P.clone().requires_grad_()
+    dense = unit_rows(leaf, args[2], args[3], args[4]).reshape(n, O * H * W, -1)
+    expected_rows = torch.einsum("ku,bu,bud->bkd", weight, mask.reshape(n, -1), dense)
+    expected = torch.autograd.grad(expected_rows, [leaf, weight], grad)
+    torch.testing.assert_close(got[0], expected[0].reshape(flat.shape), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
+    assert got[0][1].abs().max() == 0  # a sample without gradient gets none
