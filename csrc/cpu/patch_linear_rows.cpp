@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> patch_linear_rows_backward_cpu(
       std::vector<scalar_t>& gw = partial[at::get_thread_num()];
       if (gw.empty()) gw.assign(K * OL, scalar_t(0));
       PositionScratch<scalar_t> s(op);
-      std::vector<scalar_t> window_grad(K * E), unit_grad(K * O), rows_grad(K * D), A(K * O);
+      std::vector<scalar_t> window_grad(K * E), unit_grad(K * O), rows_grad(K * D), rows_A(K * O);
       std::vector<int64_t> rows_with_grad;
       for (int64_t b = begin; b < end; ++b) {
         // only the rows with a nonzero incoming gradient contribute (after a top-k selection, few)
@@ -188,10 +188,13 @@ std::tuple<at::Tensor, at::Tensor> patch_linear_rows_backward_cpu(
         for (int64_t l = 0; l < L; ++l) {
           const int64_t active = s.gather(op, b, l);
           if (active == 0) continue;
-          for (int64_t r = 0; r < R; ++r) std::copy_n(s.A.data() + rows_with_grad[r] * active, active, A.data() + r * active);
+          // the slope-scaled weights A of the rows with a gradient
+          for (int64_t r = 0; r < R; ++r) {
+            std::copy_n(s.A.data() + rows_with_grad[r] * active, active, rows_A.data() + r * active);
+          }
           read_window<scalar_t>(g, l / g.W, l % g.W, R, rows_grad.data(), window_grad.data());
           // d rows / d patches: A^T [active, R] @ window_grad [R, E]
-          matmul<scalar_t>(true, false, active, E, R, A.data(), active, window_grad.data(), E, s.Y.data(), E);
+          matmul<scalar_t>(true, false, active, E, R, rows_A.data(), active, window_grad.data(), E, s.Y.data(), E);
           for (int64_t a = 0; a < active; ++a) {
             std::copy_n(s.Y.data() + a * E, E, gpatch + ((b * O + s.units[a]) * L + l) * E);
           }

@@ -46,20 +46,25 @@ def pool_patches(rep: Patches, kernel: Tuple[int, int], stride, padding, ledger:
     rep = rep.settled()
     P = rep.P
     Bp, C, H, W, Cin, Rh, Rw = P.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    Sh, Sw = rep.stride
+    kh, kw = kernel
     Ho, Wo = conv_output_grid((H, W), kernel, stride, padding, (1, 1))
     if Ho <= 0 or Wo <= 0:
         raise Unsupported("empty pooling output")
     E = Cin * Rh * Rw
     ledger.record(Bp, Bp * C * Ho * Wo * E * kh * kw)
     X = P.reshape(Bp, C, H, W, E).permute(0, 1, 4, 2, 3).reshape(Bp, C * E, H, W)
-    U = F.unfold(X, (kh, kw), padding=(ph, pw), stride=(sh, sw)).reshape(Bp, C, E, kh, kw, Ho * Wo)
+    U = F.unfold(X, kernel, padding=padding, stride=stride).reshape(Bp, C, E, kh, kw, Ho * Wo)
     Y = U.permute(0, 1, 5, 2, 3, 4)  # [Bp, C, L, E, kh, kw]
-    out = overlap_add(Y.reshape(Bp * C * Ho * Wo, Cin, Rh, Rw, kh, kw), (Sh, Sw))
+    out = overlap_add(Y.reshape(Bp * C * Ho * Wo, Cin, Rh, Rw, kh, kw), rep.stride)
     Rh2, Rw2 = out.shape[-2:]
-    offset = (ph * Sh + rep.offset[0], pw * Sw + rep.offset[1])
-    return Patches(out.reshape(Bp, C, Ho, Wo, Cin, Rh2, Rw2), (sh * Sh, sw * Sw), offset, rep.in_shape)
+    return Patches(out.reshape(Bp, C, Ho, Wo, Cin, Rh2, Rw2), *windows_after(rep, stride, padding), rep.in_shape)
+
+
+def windows_after(rep, stride, padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """(cumulative stride, offset) in the input of the windows of a layer with this stride and
+    padding applied to rows on windows (docs/MATH.md §1.4: S_l = s_l S_{l-1}, P_l = p_l S_{l-1} + P_{l-1})."""
+    return ((stride[0] * rep.stride[0], stride[1] * rep.stride[1]),
+            (padding[0] * rep.stride[0] + rep.offset[0], padding[1] * rep.stride[1] + rep.offset[1]))
 
 
 def full_weight(conv: nn.Conv2d) -> torch.Tensor:
@@ -84,10 +89,8 @@ def conv_kernel(rep: KernelPatches, w, stride, padding, dilation) -> KernelPatch
     grid = conv_output_grid(rep.grid, k, stride, padding, dilation)
     if min(grid) <= 0:
         raise Unsupported("empty conv output")
-    new_stride = (stride[0] * Sh, stride[1] * Sw)
-    offset = (padding[0] * Sh + rep.offset[0], padding[1] * Sw + rep.offset[1])
     K = F.conv_transpose2d(w, rep.K, stride=(dilation[0] * Sh, dilation[1] * Sw))
-    return KernelPatches(K, grid, new_stride, offset, rep.in_shape, None, False)
+    return KernelPatches(K, grid, *windows_after(rep, stride, padding), rep.in_shape, None, False)
 
 
 def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitRows) -> Patches:
@@ -103,6 +106,4 @@ def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitR
         raise Unsupported("empty conv output")
     P = conv_patch_rows(prev, rep.mask, w, stride, padding, dilation, rep.stride, rep.offset, rep.in_shape)
     ledger.record(P.shape[0], P.numel())
-    new_stride = (stride[0] * rep.stride[0], stride[1] * rep.stride[1])
-    offset = (padding[0] * rep.stride[0] + rep.offset[0], padding[1] * rep.stride[1] + rep.offset[1])
-    return Patches(P, new_stride, offset, rep.in_shape)
+    return Patches(P, *windows_after(rep, stride, padding), rep.in_shape)

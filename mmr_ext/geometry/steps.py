@@ -119,9 +119,9 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
     return ReverseRows.of(layer, trace, rep.in_shape)
 
 
-# Per-MAC cost of the forward order (native patch_linear_rows, and forcing the second conv's rows)
-# relative to the transposed convolutions of the reverse order, measured on this project's CPU
-# machines (see docs/MATH.md §13).
+# Per-MAC cost of the forward order (native patch_linear_rows) relative to the reverse order's
+# transposed convolutions: 1, a plain multiply-add comparison (docs/MATH.md §13.2; forward order
+# measured faster on every zoo model, trained or not).
 PATCH_COST_WEIGHT = 1.0
 
 

@@ -71,9 +71,8 @@ def patch_linear_rows(patches: torch.Tensor, mask: Optional[torch.Tensor], weigh
     [n, K, Cin*Hin*Win]: ``sum_{o,l} weight[k, o*L + l] mask[b, o, l] patches[b, o, l]`` placed on
     the input. Units with a zero slope are skipped. Differentiable in patches and weight.
     """
-    return torch.ops.mmr_ext.patch_linear_rows(patches, mask, weight, [int(v) for v in grid],
-                                               [int(v) for v in window], [int(v) for v in stride],
-                                               [int(v) for v in offset], [int(v) for v in in_shape])
+    ints = [[int(v) for v in arg] for arg in (grid, window, stride, offset, in_shape)]
+    return torch.ops.mmr_ext.patch_linear_rows(patches, mask, weight, *ints)
 
 
 def conv_patch_rows(prev: torch.Tensor, mask: Optional[torch.Tensor], weight: torch.Tensor, stride: Sequence[int],

@@ -84,37 +84,29 @@ def _topk_hinge_backward(ctx, grad_value, _grad_index):
     return torch.ops.mmr_ext.topk_hinge_backward(grad_value.contiguous(), dist, index, ctx.gamma), None, None
 
 
-def _patch_linear_rows_setup(ctx, inputs, output):
-    patches, mask, weight, *geometry = inputs
-    ctx.save_for_backward(patches, mask, weight)
+def _receptive_field_rows_setup(ctx, inputs, output):
+    """conv_patch_rows and patch_linear_rows: (rows on receptive fields, mask, weight, *geometry)."""
+    rows, mask, weight, *geometry = inputs
+    ctx.save_for_backward(rows, mask, weight)
     ctx.geometry = geometry
 
 
-def _patch_linear_rows_backward(ctx, grad_rows):
-    patches, mask, weight = ctx.saved_tensors
-    grad_patches, grad_weight = torch.ops.mmr_ext.patch_linear_rows_backward(grad_rows, patches, mask, weight,
-                                                                             *ctx.geometry)
-    return grad_patches, None, grad_weight, None, None, None, None, None
-
-
-def _conv_patch_rows_setup(ctx, inputs, output):
-    prev, mask, weight, *geometry = inputs
-    ctx.save_for_backward(prev, mask, weight)
-    ctx.geometry = geometry
-
-
-def _conv_patch_rows_backward(ctx, grad_rows):
-    prev, mask, weight = ctx.saved_tensors
-    grad_prev, grad_weight = torch.ops.mmr_ext.conv_patch_rows_backward(grad_rows, prev, mask, weight, *ctx.geometry)
-    return grad_prev, None, grad_weight, None, None, None, None, None, None
+def _receptive_field_rows_backward(backward_op):
+    """The autograd formula of such an op: its backward op gives the rows' and the weight's
+    gradients; the mask and the geometry get none."""
+    def backward(ctx, grad_out):
+        rows, mask, weight = ctx.saved_tensors
+        grad_rows, grad_weight = backward_op(grad_out, rows, mask, weight, *ctx.geometry)
+        return (grad_rows, None, grad_weight) + (None,) * len(ctx.geometry)
+    return backward
 
 
 torch.library.register_autograd("mmr_ext::row_distances", _row_distances_backward, setup_context=_row_distances_setup)
 torch.library.register_autograd("mmr_ext::topk_hinge", _topk_hinge_backward, setup_context=_topk_hinge_setup)
-torch.library.register_autograd("mmr_ext::patch_linear_rows", _patch_linear_rows_backward,
-                                setup_context=_patch_linear_rows_setup)
-torch.library.register_autograd("mmr_ext::conv_patch_rows", _conv_patch_rows_backward,
-                                setup_context=_conv_patch_rows_setup)
+for _name in ("patch_linear_rows", "conv_patch_rows"):
+    torch.library.register_autograd(f"mmr_ext::{_name}",
+                                    _receptive_field_rows_backward(getattr(torch.ops.mmr_ext, f"{_name}_backward")),
+                                    setup_context=_receptive_field_rows_setup)
 
 
 def _no_derivative(name):
