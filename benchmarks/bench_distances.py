@@ -316,7 +316,7 @@ def trained_checkpoint(folder, epochs):
     from mmr_ext.train.config import RUNTIME_FIELDS
     from mmr_ext.train.loop import CHECKPOINT_NAME
 
-    config = TrainConfig(model=TRAINED[0], dataset="mnist5k", epochs=epochs, cert_points=0, final_cert_points=0,
+    config = TrainConfig(model=TRAINED[0], dataset="mnist5k", epochs=epochs, cert_points=0, eval_points=0,
                          device="cpu", out_dir=folder, overwrite=True, progress=False, plots=False)
     path = os.path.join(folder, CHECKPOINT_NAME)
     try:

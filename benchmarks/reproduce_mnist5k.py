@@ -58,7 +58,7 @@ def train_scheme(name: str, out: Path, args: argparse.Namespace) -> Path:
         return ckpt
     config = TrainConfig(**SCHEMES[name], dataset="mnist5k", model="cnn", preset="paper",
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         cert_points=0, final_cert_points=0, seed=args.seed, out_dir=str(run_dir),
+                         cert_points=0, eval_points=0, seed=args.seed, out_dir=str(run_dir),
                          resume="auto" if ckpt.exists() else None, train_subset=args.train_subset,
                          progress=args.progress, threads=args.threads)
     train(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import sys
 import time
@@ -95,7 +96,11 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="target radii of the certificates (default: MNIST 1 0.3 0.1, GTS 3 0.2 4/255, CIFAR-10 2 0.1 2/255)")
     g.add_argument("--cert-points", type=int, metavar="N", help="test points certified during training (0: none)")
     g.add_argument("--cert-every", type=int, default=1, metavar="N", help="certify every N epochs (default 1)")
-    g.add_argument("--final-cert-points", type=int, metavar="N", help="test points certified at the end")
+    g.add_argument("--eval-points", type=int, metavar="N",
+                   help="test points evaluated at the end: attacks (LB), region certificate + bound "
+                        "propagation (UB), as mmr-ext evaluate (0: none)")
+    g.add_argument("--no-curves", dest="curves", action="store_false",
+                   help="skip the robustness curves of the final evaluation")
 
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
@@ -110,6 +115,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG figures")
     g.add_argument("--quiet", dest="verbose", action="store_false", help="print only the final summary")
+    g.add_argument("--json", action="store_true",
+                   help="print only the final summary, as JSON (no progress bar, no other output)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +180,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="discard the .points.jsonl of an earlier evaluation next to --out and start afresh")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--json", action="store_true",
+                   help="print only the table, settings and timing as JSON (no progress bar, no other output)")
+    g.add_argument("--curves", nargs="?", const="auto", metavar="PNG",
+                   help="also draw the robustness curves (certified and attacked robust accuracy against "
+                        "the radius, per norm and for the union) to PNG, with the same name .json beside it "
+                        "(default: <--out minus .json>_curves.png, or robustness_curves.png)")
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -218,6 +231,22 @@ def _check_outputs(args: argparse.Namespace):
     return out, records
 
 
+def _curves_path(option: Optional[str], out: Optional[Path]) -> Optional[Path]:
+    """The PNG of ``--curves`` (None without it), checked writable with its .json before any work."""
+    from .outputs import check_output_file
+
+    if option is None:
+        return None
+    if option == "auto":
+        path = out.with_name(out.stem + "_curves.png") if out is not None else Path("robustness_curves.png")
+    else:
+        path = Path(option)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"expected a .png file name, got '{option}'")
+    check_output_file(path.with_suffix(".json"), "curves file")
+    return check_output_file(path, "figure")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Runs ``mmr-ext evaluate`` for parsed arguments; returns the exit status (2: bad options or
     unwritable outputs, found before any work; 1: a problem found on the way; 130: interrupted)."""
@@ -246,6 +275,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out, records = _check_outputs(args)
     except (OutputError, ValueError) as exc:
         return _fail(f"argument --out: {exc}", 2)
+    try:
+        curves_png = _curves_path(args.curves, out)
+    except (OutputError, ValueError) as exc:
+        return _fail(f"argument --curves: {exc}", 2)
+    if args.json:
+        args.progress = False
     try:
         model, ckpt = load_model(args.checkpoint, map_location=device)
     except CheckpointError as exc:
@@ -297,14 +332,33 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             "model": ckpt.get("model_name"), "n_points": n})
     result.timing["total"] = time.monotonic() - start
     title = f"{ckpt.get('model_name')} on {info.name} (first {n} test points): {args.checkpoint}"
-    print(result.table(title), flush=True)
+    say = (lambda *a, **k: None) if args.json else print
+    say(result.table(title), flush=True)
     if out is not None:
         try:
             path = result.to_json(out)
         except OutputError as exc:
             return _fail(f"{exc}; the per-point results are kept in '{records}': rerun with the same "
                          f"options plus --resume to write the table without recomputing")
-        print(f"results written to {path} (per-point results in {records})")
+        say(f"results written to {path} (per-point results in {records})")
+    if curves_png is not None:
+        from tqdm.auto import tqdm
+
+        from .curves import robustness_curves
+        with tqdm(desc="curves: bound propagation", unit="point", disable=not args.progress, leave=False) as bar:
+            curves = robustness_curves(model, x, y, result, use_bounds=args.use_bounds,
+                                       alpha_steps=args.alpha_steps, batch_size=args.batch_size,
+                                       on_batch=bar.update)
+        try:
+            files = [curves.to_json(curves_png.with_suffix(".json")), curves.plot(curves_png, title=title)]
+        except OutputError as exc:
+            return _fail(str(exc))
+        say(f"robustness curves written to {files[1]} and {files[0]}")
+    if args.json:
+        summary = {k: v for k, v in result.to_dict().items() if k != "points"}
+        if curves_png is not None:
+            summary["curves"] = curves.to_dict()
+        print(json.dumps(summary, indent=1, allow_nan=False))
     return 0
 
 
@@ -349,6 +403,8 @@ def _train_main(args: argparse.Namespace) -> int:
     from .train import CheckpointError, ConfigError, TrainConfig, format_summary, resolve_config, train
 
     names = {f.name for f in fields(TrainConfig)}
+    if args.json:
+        args.verbose = args.progress = False
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     sub = args.train_parser
     try:
@@ -379,7 +435,7 @@ def _train_main(args: argparse.Namespace) -> int:
               "plus --resume", file=sys.stderr)
         return 130
     if result.summary is not None:
-        print(format_summary(result.summary), flush=True)
+        print(json.dumps(result.summary, indent=1) if args.json else format_summary(result.summary), flush=True)
     return 0
 
 

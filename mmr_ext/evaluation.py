@@ -282,7 +282,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
              use_bounds: bool = True, bound_alpha_steps: int = 0, use_mip: bool = False,
              mip_time_limit: float = 120.0, neighbors: int = 0, workers: int = 1,
              batch_size: int = 100, seed: int = 0, progress: bool = True,
-             records: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> EvaluationResult:
+             records: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
+             on_batch: Optional[Callable[[int], None]] = None) -> EvaluationResult:
     """Test error and lower / upper bounds on the robust test error (docs/MATH.md §9).
 
     Args:
@@ -305,6 +306,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         records: JSON-lines file of per-point results, appended batch by batch as they finish
             (:mod:`mmr_ext.evaluation_records`). resume: continue from ``records`` (its header must
             match this call's model, data and options); the result equals an uninterrupted run.
+        on_batch: called with the number of points of each finished batch (e.g. to drive a
+            progress display of a longer job).
 
     Returns:
         :class:`EvaluationResult`; ``.table()`` prints it, ``.to_json(path)`` saves it.
@@ -332,6 +335,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     for name, v in (("use_bounds", use_bounds), ("use_mip", use_mip), ("progress", progress), ("resume", resume)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {v!r}")
+    if on_batch is not None and not callable(on_batch):
+        raise TypeError(f"on_batch must be None or a callable, got {on_batch!r}")
 
     from tqdm.auto import tqdm
 
@@ -387,6 +392,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
         if restored is not None:
             for k, v in restored.items():
                 timing[k] = timing.get(k, 0.0) + v
+            if on_batch is not None:
+                on_batch(sl.stop - start)
             continue
         before = dict(timing)
         gen = torch.Generator(device=dev).manual_seed(batch_seed(seed, start))
@@ -441,6 +448,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
             check(p, in_batch)
         if log is not None:
             log.save_batch(start, sl.stop, {k: timing[k] - before[k] for k in timing}, y, *state)
+        if on_batch is not None:
+            on_batch(sl.stop - start)
 
     if use_mip:
 

@@ -83,16 +83,17 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, words, capsys):
 def test_tiny_run_prints_summary_and_writes_outputs(tmp_path, capsys):
     out_dir = tmp_path / "run"
     argv = ["train", "--model", "tiny", "--epochs", "2", "--batch-size", "32", "--train-subset", "64",
-            "--test-subset", "50", "--cert-points", "10", "--final-cert-points", "20", "--out-dir", str(out_dir),
+            "--test-subset", "50", "--cert-points", "10", "--eval-points", "20", "--out-dir", str(out_dir),
             "--no-progress", "--threads", "1"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "epoch 2/2" in out and "MMR-Universal tiny on mnist5k: 2 epochs" in out
-    assert "test error:" in out and "union" in out and "median radius" in out
-    for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "training_curves.png", "summary.json"):
+    assert "test error:" in out and "union" in out and "LB" in out and "certified against every" in out
+    for name in ("checkpoint.pt", "metrics.json", "metrics.csv", "training_curves.png", "summary.json",
+                 "evaluation.json", "robustness_curves.json", "robustness_curves.png"):
         assert (out_dir / name).is_file(), name
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["cert_points"] == 20 and summary["test_points"] == 50
+    assert summary["eval_points"] == 20 and summary["test_points"] == 50
     # running again into the same folder without --resume is refused with a usage error
     code, _, err = run_main(argv, capsys)
     assert code == 2 and "--out-dir" in err and "--resume" in err

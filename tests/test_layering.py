@@ -17,7 +17,7 @@ LAYERS = [
     ("geometry",),
     ("losses", "attacks"),
     ("certify",),
-    ("evaluation", "evaluation_records"),
+    ("evaluation", "evaluation_records", "curves"),
     ("train",),
     ("cli", "__main__"),
 ]

@@ -58,14 +58,14 @@ PAPER_EPS: Dict[str, Dict[float, float]] = {
 #: whole k_B decay, λ warm-up and final learning-rate drop); ``paper`` is the papers' setting.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": dict(epochs=100, batch_size=128, schedule_unit="epoch", cert_points=200,
-                  final_cert_points=1000),
+                  eval_points=1000),
     "demo": dict(epochs=3, batch_size=64, lr=1e-3, schedule_unit="step", cert_points=100,
-                 final_cert_points=500),
+                 eval_points=500),
 }
 
 #: Options that may change when resuming (they do not affect the trained weights).
 RUNTIME_FIELDS = ("data_dir", "device", "threads", "out_dir", "resume", "overwrite", "keep_checkpoints",
-                  "progress", "plots", "cert_points", "cert_every", "final_cert_points", "test_subset",
+                  "progress", "plots", "cert_points", "cert_every", "eval_points", "curves", "test_subset",
                   "verbose")
 
 
@@ -103,8 +103,11 @@ class TrainConfig:
         (default: the dataset's target eps). at_steps, at_restarts: PGD iterations and restarts.
         at_clean_fraction: fraction of each batch kept clean (0.5 single norm, 0 for max).
     Evaluation
-        eps: target (ε1, ε2, ε∞) of the certificates. cert_points: test points certified after
-        every ``cert_every`` epochs (0: never). final_cert_points: points certified at the end.
+        eps: target (ε1, ε2, ε∞) of the certificates. cert_points: test points certified (region
+        certificate + bound propagation) after every ``cert_every`` epochs (0: never).
+        eval_points: test points evaluated at the end with the papers' protocol
+        (:func:`mmr_ext.evaluate`: attacks, region certificate, bound propagation; 0: none).
+        curves: also the robustness curves of that evaluation (:mod:`mmr_ext.curves`).
     Run
         seed, dtype (``float32``/``float64``), device (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
         threads (CPU threads), out_dir (default ``results/<dataset>-<mode>-<model>``),
@@ -139,7 +142,8 @@ class TrainConfig:
     eps: Optional[Sequence[float]] = None
     cert_points: Optional[int] = None
     cert_every: int = 1
-    final_cert_points: Optional[int] = None
+    eval_points: Optional[int] = None
+    curves: bool = True
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     seed: int = 0
@@ -269,7 +273,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     c.at_restarts = _int(c.at_restarts, "at_restarts", 1)
     c.cert_every = _int(c.cert_every, "cert_every", 1)
     c.cert_points = _int(c.cert_points, "cert_points", 0)
-    c.final_cert_points = _int(c.final_cert_points, "final_cert_points", 0)
+    c.eval_points = _int(c.eval_points, "eval_points", 0)
     c.train_subset = _int(c.train_subset, "train_subset", 1, allow_none=True)
     c.test_subset = _int(c.test_subset, "test_subset", 1, allow_none=True)
     c.threads = _int(c.threads, "threads", 1, allow_none=True)

@@ -21,7 +21,9 @@ from .data import load_dataset
 from .distributed import Dist, restore_rng_state, rng_state, setup_distributed
 from .loader import BatchLoader
 from .objective import Objective, adversarial_batch
-from .reporting import certified_stats, clean_error, plot_metrics, write_metrics
+from .progress import RunProgress
+from .protocol import CURVES_NAME, EVALUATION_NAME, final_evaluation, protocol_certified
+from .reporting import clean_error, plot_metrics, write_metrics
 from .schedules import Schedule
 
 __all__ = ["TrainResult", "train", "CHECKPOINT_NAME"]
@@ -101,7 +103,9 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
             if resume is None:  # --overwrite: nothing of the previous run may be resumed by mistake later
                 for old in [out_dir / CHECKPOINT_NAME, *out_dir.glob("epoch_[0-9][0-9][0-9].pt"),
                             *(out_dir / n for n in ("metrics.json", "metrics.csv", "summary.json",
-                                                    "training_curves.png"))]:
+                                                    "training_curves.png", EVALUATION_NAME,
+                                                    "evaluation.points.jsonl", f"{CURVES_NAME}.json",
+                                                    f"{CURVES_NAME}.png"))]:
                     old.unlink(missing_ok=True)
     d.barrier()
     dtype = torch.float64 if c.dtype == "float64" else torch.float32
@@ -159,7 +163,15 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
         runner = objective
 
     cert_x, cert_y = x_test[:c.cert_points], y_test[:c.cert_points]
-    from tqdm.auto import tqdm
+    n_eval = min(c.eval_points, x_test.shape[0])
+    cert_epochs = sum(1 for e in range(start_epoch, c.epochs) if (e + 1) % c.cert_every == 0 or e + 1 == c.epochs)
+    # one display for the whole run; stage costs in training steps until measured (see progress.py)
+    progress = RunProgress({"train": (c.epochs - start_epoch) * steps, "certify": 3 * cert_epochs * cert_x.shape[0],
+                            "evaluate": n_eval, "curves": 6 * n_eval if c.curves else 0},
+                           guesses={"certify": 0.2, "evaluate": 1.0, "curves": 0.25},
+                           enabled=c.progress and d.main, desc=f"{c.mode} {c.model}")
+    if c.verbose and d.main:
+        say = progress.write
 
     train_time = sum(r.get("time_s", 0.0) for r in history)
     if start_epoch == 0:
@@ -172,8 +184,7 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
         sums = torch.zeros(7, dtype=torch.float64)  # points, errors, then the term_keys weighted by points
         term_keys = ("loss", "cross_entropy", "boundary", "decision", "regularizer")
         seen_terms = set()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not (c.progress and d.main),
-                   leave=False, dynamic_ncols=True)
+        progress.begin("train")
         values = schedule.values(epoch, 0, steps)
         for i, (xb, yb) in enumerate(loader):
             values = schedule.values(epoch, i, steps)
@@ -209,9 +220,8 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
                 elif "regularizer" in seen_terms:
                     post["reg"] = f"{sums[6] / m:.3f}"
                 post["err"] = f"{100 * sums[1] / m:.1f}%"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-        bar.close()
+                progress.update("train", 1, f"epoch {epoch + 1}/{c.epochs} " +
+                                " ".join(f"{k} {v}" for k, v in post.items()))
         if d.world > 1:
             sums = d.all_reduce(sums)
         total = max(1.0, float(sums[0]))
@@ -227,9 +237,9 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
             t1 = time.time()
             row["test_error"] = clean_error(model, x_test, y_test)
             if c.cert_points and ((epoch + 1) % c.cert_every == 0 or epoch + 1 == c.epochs):
-                stats = certified_stats(model, cert_x, cert_y, c.eps)
-                stats.pop("radii")
-                row.update(stats)
+                progress.begin("certify")
+                row.update(protocol_certified(model, cert_x, cert_y, c.eps,
+                                              on_batch=lambda n: progress.update("certify", n)))
             row["eval_time_s"] = time.time() - t1
             history.append(row)
             msg = (f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}"
@@ -237,8 +247,9 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
                       if row.get("train_regularizer") is not None else "")
                    + f", train err {100 * row['train_error']:.2f}%, test err {100 * row['test_error']:.2f}%")
             if "cert_union" in row:
-                msg += (f", certified l1 {100 * row['cert_l1']:.1f}% l2 {100 * row['cert_l2']:.1f}% "
-                        f"linf {100 * row['cert_linf']:.1f}% union {100 * row['cert_union']:.1f}%")
+                msg += (f", certified (region + bounds, {c.cert_points} points) l1 {100 * row['cert_l1']:.1f}% "
+                        f"l2 {100 * row['cert_l2']:.1f}% linf {100 * row['cert_linf']:.1f}% "
+                        f"union {100 * row['cert_union']:.1f}%")
             say(msg + f" [{row['time_s']:.0f} s train, {row['eval_time_s']:.0f} s eval]")
         else:
             history.append(row)
@@ -261,14 +272,17 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
         summary = {"mode": c.mode, "p": c.p, "at_norm": c.at_norm, "model": c.model, "dataset": c.dataset,
                    "epochs": c.epochs, "train_time_s": train_time, "eps": list(c.eps),
                    "test_error": clean_error(model, x_test, y_test), "test_points": int(x_test.shape[0])}
-        if c.final_cert_points:
-            t1 = time.time()
-            stats = certified_stats(model, x_test[:c.final_cert_points], y_test[:c.final_cert_points], c.eps)
-            stats.pop("radii")
-            summary.update(stats)
-            summary["cert_time_s"] = time.time() - t1
+        if n_eval:
+            progress.begin("evaluate")
+            say(f"evaluating the first {n_eval} test points: attacks (PGD, minimum-norm), region certificate, "
+                f"bound propagation" + (", then the robustness curves" if c.curves else ""))
+            summary.update(final_evaluation(model, x_test[:n_eval], y_test[:n_eval], c.eps, out_dir,
+                                            resume=resume is not None, plots=c.plots, curves=c.curves,
+                                            on_eval_batch=lambda n: progress.update("evaluate", n),
+                                            on_curve_batch=lambda n: progress.update("curves", n)))
         summary["wall_time_s"] = time.time() - start_time
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    progress.close()
     d.barrier()
     return TrainResult(model=model, config=c, metrics=history, summary=summary, out_dir=out_dir,
                        checkpoint=ckpt_path, train_time_s=train_time)

@@ -115,7 +115,7 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
     for n, e in zip(NORMS, eps):
         series(axes[2], f"cert_l{n}", f"{names[n]}, ε={e:.4g}", color=colors[n])
     series(axes[2], "cert_union", "union", color="green", linewidth=2)
-    axes[2].set_title("certified fraction of test points")
+    axes[2].set_title("certified (region + bound propagation)")
     axes[2].set_ylim(-0.02, 1.02)
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -130,28 +130,33 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
 
 
 def format_summary(s: Dict[str, Any]) -> str:
-    """Human-readable summary printed at the end of training."""
+    """Human-readable summary printed at the end of training: the evaluation table (TE, LB / UB of
+    the robust test error per norm and for the union, as Table 4 of the MMR-Universal paper), the
+    Thm 4.1 line and a one-line headline."""
     mode = {"universal": "MMR-Universal", "mmr": f"MMR-l{s.get('p')}", "plain": "plain",
             "at": f"AT-{s.get('at_norm')}", "mmr+at": f"MMR-l{s.get('p')}+AT-{s.get('at_norm')}"}[s["mode"]]
     wall = f", {s['wall_time_s']:.0f} s wall time in this invocation" if "wall_time_s" in s else ""
     lines = [f"{mode} {s['model']} on {s['dataset']}: {s['epochs']} epochs, training time {s['train_time_s']:.0f} s"
              + wall,
              f"test error: {100 * s['test_error']:.2f}% ({s['test_points']} test points)"]
-    if s.get("cert_points"):
-        lines.append(f"region certificates of the first {s['cert_points']} test points ({s['cert_time_s']:.0f} s); "
-                     f"certified = correct and radius > eps:")
-        lines.append(f"  {'norm':<7}{'eps':>8}{'median radius':>15}{'certified':>11}{'robust err UB':>15}")
-
-        def row(name, e, med, frac):
-            return f"  {name:<7}{e:>8}{med:>15}{100 * frac:>10.1f}%{100 * (1 - frac):>14.1f}%"
-
-        for n, e in zip(NORMS, s["eps"]):
-            lines.append(row(norm_name(parse_norm(n)), f"{e:.4g}", f"{s[f'median_radius_l{n}']:.4f}",
-                             s[f"cert_l{n}"]))
-        lines.append(row("union", "all", "", s["cert_union"]))
-        lines.append("  Thm 4.1 (l1 and linf certificates only):")
-        lines.append(row("l2", f"{s['eps'][1]:.4g}", "", s["cert_universal_l2"]))
-        lines.append(row("union", "all", "", s["cert_union_universal"]))
+    table = s.get("eval")
+    if table:
+        n = s["eval_points"]
+        eps = dict(zip(NORMS, s["eps"]))
+        cols = [(f"{norm_name(parse_norm(k))} eps={eps[k]:.4g}", f"l{k}") for k in NORMS] + [("union", "union")]
+        lines.append(f"evaluation of the first {n} test points ({s['eval_time_s']:.0f} s): robust test error in %, "
+                     f"LB = attacked (PGD, minimum-norm attack), UB = not certified (region certificate, bound "
+                     f"propagation)")
+        lines.append(f"  {'TE':>6}" + "".join(f"{name:>18}" for name, _ in cols))
+        lines.append(f"  {'':>6}" + "".join(f"{'LB':>9}{'UB':>9}" for _ in cols))
+        lines.append(f"  {table['TE']:>6.1f}" + "".join(
+            f"{table[key]['LB']:>9.1f}{table[key]['UB']:>9.1f}" for _, key in cols))
+        lines.append(f"  Thm 4.1 (l2 from the l1 and linf region radii alone): {s['cert_universal_l2']:.1f}% of the "
+                     f"points certified at l2 eps={eps['2']:.4g}")
+        lines.append(f"{100 - table['union']['UB']:.1f}% of the test points are certified against every l1, l2 and "
+                     f"linf perturbation of radii {', '.join(f'{e:.4g}' for e in s['eps'])} at once "
+                     f"(union UB {table['union']['UB']:.1f}%); an attack breaks {table['union']['LB']:.1f}% (union LB)")
+        files = s.get("eval_files", [])
+        if files:
+            lines.append("written: " + ", ".join(files))
     return "\n".join(lines)
-
-

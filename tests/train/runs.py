@@ -14,7 +14,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def tiny_config(out_dir, **kw):
     """A run of a few seconds: the tiny network on the first points of mnist5k."""
     base = dict(model="tiny", epochs=2, batch_size=32, train_subset=96, test_subset=100, cert_points=20,
-                final_cert_points=20, out_dir=str(out_dir), progress=False, plots=False, verbose=False,
+                eval_points=20, out_dir=str(out_dir), progress=False, plots=False, verbose=False,
                 threads=1)
     base.update(kw)
     return TrainConfig(**base)
@@ -22,7 +22,7 @@ def tiny_config(out_dir, **kw):
 
 def tiny_args(out_dir, *extra):
     return ["train", "--model", "tiny", "--batch-size", "32", "--train-subset", "96", "--test-subset", "100",
-            "--cert-points", "10", "--final-cert-points", "10", "--out-dir", str(out_dir), "--no-progress",
+            "--cert-points", "10", "--eval-points", "10", "--out-dir", str(out_dir), "--no-progress",
             "--no-plots", "--threads", "1", *extra]
 
 

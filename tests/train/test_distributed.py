@@ -16,7 +16,7 @@ from train.runs import WORKER, final_state, run_worker, tiny_args
 def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     # 69 points in global batches of 16: the last batch (5 points) splits 3 / 2 over the ranks
     args = ["--epochs", "2", "--train-subset", "69", "--batch-size", "16", "--dtype", "float64",
-            "--mode", "universal", "--cert-points", "0", "--final-cert-points", "0", "--lr", "0.003"]
+            "--mode", "universal", "--cert-points", "0", "--eval-points", "0", "--lr", "0.003"]
     single = run_worker(tiny_args(tmp_path / "single", *args))
     assert single.returncode == 0, single.stderr
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -15,7 +15,7 @@ from train.runs import tiny_config
 def test_short_universal_run_reduces_regularizer_and_error(tmp_path):
     # constant k_B and λ so that the objective itself does not move
     cfg = tiny_config(tmp_path, epochs=8, train_subset=256, lr=2e-2, k_boundary=[0.1], warmup_epochs=0,
-                      lr_drop_epochs=0, lam=[0.1, 0.4], cert_points=0, final_cert_points=30, plots=True)
+                      lr_drop_epochs=0, lam=[0.1, 0.4], cert_points=0, eval_points=30, plots=True)
     result = train(cfg)
     m = result.metrics
     assert [r["epoch"] for r in m] == list(range(1, 9))
@@ -25,12 +25,20 @@ def test_short_universal_run_reduces_regularizer_and_error(tmp_path):
     assert m[-1]["train_regularizer"] == pytest.approx(m[-1]["train_boundary"] + m[-1]["train_decision"])
     assert all(math.isfinite(r["test_error"]) for r in m)
     s = result.summary
-    assert 0 <= s["test_error"] <= 1 and s["cert_points"] == 30 and s["test_points"] == 100
-    for key in ("cert_l1", "cert_l2", "cert_linf", "cert_union", "cert_union_universal"):
-        assert 0 <= s[key] <= 1
-    assert s["cert_union"] <= min(s["cert_l1"], s["cert_l2"], s["cert_linf"])
+    assert 0 <= s["test_error"] <= 1 and s["eval_points"] == 30 and s["test_points"] == 100
+    table = s["eval"]
+    for key in ("l1", "l2", "linf"):
+        assert 0 <= table[key]["LB"] <= table[key]["UB"] <= 100
+        assert table["union"]["LB"] >= table[key]["LB"] and table["union"]["UB"] >= table[key]["UB"]
+    assert table["TE"] <= min(table[key]["LB"] for key in ("l1", "l2", "linf"))
+    # the summary's table is the one of the evaluation written next to it
+    assert json.loads((tmp_path / "evaluation.json").read_text())["table"] == table
+    curves = json.loads((tmp_path / "robustness_curves.json").read_text())["curves"]
+    assert curves["union"]["certified"][curves["union"]["eps"]["l1"].index(1.0)] == pytest.approx(
+        100 - table["union"]["UB"])
+    assert (tmp_path / "robustness_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = format_summary(s)
-    assert "test error" in text and "union" in text and "linf" in text
+    assert "test error" in text and "union" in text and "linf" in text and "certified against every" in text
     # outputs
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
@@ -61,17 +69,17 @@ def test_certificates_tracked_each_epoch(tmp_path):
 ])
 def test_every_mode_trains(tmp_path, mode, extra):
     result = train(tiny_config(tmp_path, mode=mode, epochs=1, train_subset=64, cert_points=0,
-                               final_cert_points=0, **extra))
+                               eval_points=0, **extra))
     row = result.metrics[0]
     assert math.isfinite(row["train_loss"]) and 0 <= row["train_error"] <= 1
     assert (row["train_regularizer"] is not None) == mode.startswith("mmr")
-    assert "cert_points" not in result.summary
+    assert "eval" not in result.summary
 
 
 def test_training_is_deterministic(tmp_path):
-    a = train(tiny_config(tmp_path / "a", epochs=1, train_subset=64, final_cert_points=0))
-    b = train(tiny_config(tmp_path / "b", epochs=1, train_subset=64, final_cert_points=0))
-    c = train(tiny_config(tmp_path / "c", epochs=1, train_subset=64, final_cert_points=0, seed=1))
+    a = train(tiny_config(tmp_path / "a", epochs=1, train_subset=64, eval_points=0))
+    b = train(tiny_config(tmp_path / "b", epochs=1, train_subset=64, eval_points=0))
+    c = train(tiny_config(tmp_path / "c", epochs=1, train_subset=64, eval_points=0, seed=1))
     sa, sb, sc = (r.model.state_dict() for r in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)

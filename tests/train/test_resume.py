@@ -20,7 +20,7 @@ from train.runs import WORKER, final_state, run_worker, tiny_args, tiny_config
 
 
 def test_resume_from_intermediate_checkpoint_is_exact(tmp_path):
-    kw = dict(epochs=3, train_subset=64, mode="universal", cert_points=0, final_cert_points=0,
+    kw = dict(epochs=3, train_subset=64, mode="universal", cert_points=0, eval_points=0,
               keep_checkpoints=True)
     full = train(tiny_config(tmp_path / "full", **kw))
     assert (tmp_path / "full" / "epoch_002.pt").exists()
@@ -36,7 +36,7 @@ def test_resume_from_intermediate_checkpoint_is_exact(tmp_path):
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     # 60 steps per epoch (about a second here): the kill lands well inside the second epoch
-    args = ["--epochs", "3", "--train-subset", "1920", "--mode", "universal", "--final-cert-points", "0",
+    args = ["--epochs", "3", "--train-subset", "1920", "--mode", "universal", "--eval-points", "0",
             "--cert-points", "0", "--seed", "3"]
     ref = run_worker(tiny_args(tmp_path / "ref", *args))
     assert ref.returncode == 0, ref.stderr
@@ -74,7 +74,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
 def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(run, epochs=2, train_subset=32, cert_points=0, final_cert_points=0))
+    train(tiny_config(run, epochs=2, train_subset=32, cert_points=0, eval_points=0))
     good = (run / "checkpoint.pt").read_bytes()
 
     # an existing run is never overwritten silently, and never silently restarted
@@ -118,7 +118,7 @@ def test_corrupt_and_mismatched_checkpoints_raise(tmp_path):
         load_checkpoint(run / "checkpoint.pt")
     # a finished run resumed: nothing left to train, same weights
     (run / "checkpoint.pt").write_bytes(good)
-    done = train(tiny_config(run, epochs=2, train_subset=32, resume="auto", final_cert_points=0))
+    done = train(tiny_config(run, epochs=2, train_subset=32, resume="auto", eval_points=0))
     model, _ = ckpt_mod.load_model(run / "checkpoint.pt")
     assert all(torch.equal(v, done.model.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -130,7 +130,7 @@ def test_write_failure_mid_run_is_a_clear_error_and_the_run_resumes(tmp_path, mo
     with the weights of an uninterrupted one."""
     from mmr_ext import cli
 
-    args = tiny_args(tmp_path / "run", "--epochs", "3", "--final-cert-points", "0", "--cert-points", "0")
+    args = tiny_args(tmp_path / "run", "--epochs", "3", "--eval-points", "0", "--cert-points", "0")
     assert cli.main(tiny_args(tmp_path / "ref", *args[len(tiny_args(tmp_path / "run")):])) == 0
     failed = fail_writes(monkeypatch, target, after=1, error=error)
     capsys.readouterr()
