@@ -25,6 +25,7 @@ from ..geometry import compute_geometry, to_float64
 from ..math.norms import dual_exponent, exponent
 from ..math.rounding import round_down
 from ..nn.chain import parse_model
+from .box_radius import box_region_radius
 from .certificate import Certificate
 from .neighbors import Point, search
 from .prediction import reliably_correct
@@ -139,6 +140,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     plain = {p: torch.empty(B, dtype=torch.float64, device=x.device) for p in all_norms}
     exact = {p: torch.empty(B, dtype=torch.bool, device=x.device) for p in all_norms}
     correct = torch.empty(B, dtype=torch.bool, device=x.device)
+    radius = {p: torch.empty(B, dtype=torch.float64, device=x.device) for p in norms}
+    flags = {p: torch.empty(B, dtype=torch.bool, device=x.device) for p in norms}
     for start in tqdm(range(0, B, _CHUNK), desc="certify: regions", disable=not progress):
         sl = slice(start, min(start + _CHUNK, B))
         geometry, logits = compute_geometry(model64, x64[sl], all_norms, labels=y[sl])
@@ -149,11 +152,20 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
             dD = decision.amin(dim=1)
             plain[p][sl] = torch.where(ok, torch.minimum(dB, dD).clamp(min=0.0), 0.0)
             exact[p][sl] = ~ok | (dD <= dB)
+            if p in radius:
+                radius[p][sl], flags[p][sl] = plain[p][sl], exact[p][sl]
+        if box is not None and neighbors == 0:  # the box search from a few rows per point
+            boundary = dict(zip(all_norms, (g[0] for g in geometry)))
+            for i in ok.nonzero()[:, 0].tolist():
+                found = box_region_radius(model64, x64[start + i:start + i + 1], int(y[start + i]),
+                                          {p: boundary[p][i] for p in norms}, box)
+                for p, (lower, is_exact) in found.items():
+                    radius[p][start + i] = max(lower, float(plain[p][start + i]))
+                    flags[p][start + i] = is_exact
 
-    radius = {p: plain[p].clone() for p in norms}
-    flags = {p: exact[p].clone() for p in norms}
-    todo = [i for i in correct.nonzero()[:, 0].tolist()
-            if box is not None or (neighbors > 0 and not all(bool(exact[p][i]) for p in norms))]
+    todo = [] if box is not None and neighbors == 0 else [
+        i for i in correct.nonzero()[:, 0].tolist()
+        if box is not None or (neighbors > 0 and not all(bool(exact[p][i]) for p in norms))]
     for i in tqdm(todo, desc="certify: box/neighbours", disable=not progress):
         point = Point(model64, x64[i:i + 1], int(y[i]), box)
         for p in norms:

@@ -32,7 +32,7 @@ from ..nn.chain import Chain, parse_model
 from ..checks import check_input, check_labels
 
 __all__ = ["Pattern", "RegionGeometry", "activation_pattern", "region_geometry", "flip_units",
-           "unit_location", "to_float64"]
+           "unit_location", "to_float64", "PointRows"]
 
 Pattern = List[torch.Tensor]  # per hidden layer: bool [B, n_l], True = active (slope 1)
 
@@ -228,3 +228,43 @@ def region_geometry(model: nn.Module, x: torch.Tensor, pattern: Optional[Pattern
         bias = x64.new_zeros((B, 0))
         flat = torch.zeros((B, 0), dtype=torch.bool, device=x64.device)
     return RegionGeometry(weight, bias, logit_weight, logit_bias, flat, tuple(sizes))
+
+
+class PointRows:
+    """Hyperplanes of the linear region of one point, row by row on demand (float64).
+
+    :func:`region_geometry` materialises all N rows (d forward tangents); this computes only the
+    requested ones, by reverse mode through the network with the point's activation pattern fixed
+    (one backward pass per row, batched), for searches that need a few rows of many points. The
+    offsets and logits come from the masked network at z = 0 (as in :func:`region_geometry`).
+    """
+
+    def __init__(self, model64: nn.Module, x: torch.Tensor):
+        self.chain = parse_model(model64)
+        self.x = x.detach().to(torch.float64)[:1]
+        with torch.no_grad():
+            pre, _ = _masked_forward(self.chain, self.x, None)
+            self.pattern = [f > 0 for f in pre]
+            zero_pre, zero_logits = _masked_forward(self.chain, torch.zeros_like(self.x), self.pattern)
+        self.bias = torch.cat(zero_pre, dim=1)[0] if zero_pre else self.x.new_zeros(0)  # [N]
+        self.logit_bias = zero_logits[0]  # [K]
+
+    def _rows(self, pick) -> torch.Tensor:
+        R = pick.shape[0]
+        z = self.x.expand((R,) + tuple(self.x.shape[1:])).clone().requires_grad_(True)
+        with torch.enable_grad():
+            pre, logits = _masked_forward(self.chain, z, [m.expand(R, -1) for m in self.pattern])
+            values = torch.cat(pre + [logits], dim=1).gather(1, pick[:, None]).sum()
+            grad, = torch.autograd.grad(values, z)
+        return grad.reshape(R, -1)
+
+    def units(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rows [R, d] and offsets [R] of the hidden units with these global indices."""
+        if index.numel() == 0:
+            return self.x.new_zeros((0, self.x[0].numel())), self.x.new_zeros(0)
+        return self._rows(index), self.bias[index]
+
+    def logits(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The region's logits as an affine map: rows [K, d] and offsets [K]."""
+        K = self.logit_bias.shape[0]
+        return self._rows(self.bias.shape[0] + torch.arange(K, device=self.x.device)), self.logit_bias
