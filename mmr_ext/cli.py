@@ -1,10 +1,12 @@
 """Command line: ``mmr-ext train ...`` and ``mmr-ext evaluate ...`` (also ``python -m mmr_ext``).
 
-``mmr-ext train`` with no options trains the demo MMR-Universal CNN on the bundled mnist5k split
-and prints its test error and certified radii; see ``mmr-ext train --help``. ``mmr-ext evaluate
-CHECKPOINT`` prints the test error and the robust-error bounds of :func:`mmr_ext.evaluate` (first
-1000 test points, the papers' ε per data set of :data:`mmr_ext.train.PAPER_EPS`). All argparse of
-the package lives here.
+``mmr-ext train`` with no options trains the demo MMR-Universal CNN on the bundled mnist5k split,
+then evaluates it with the papers' protocol (attacks; region certificate + bound propagation) and
+prints the TE / LB / UB table per norm and for the union, with robustness curves; see ``mmr-ext
+train --help``. ``mmr-ext evaluate CHECKPOINT`` prints the test error and the robust-error bounds
+of :func:`mmr_ext.evaluate` (first 1000 test points, the papers' ε per data set of
+:data:`mmr_ext.train.PAPER_EPS`), ``--curves`` draws the curves. All argparse of the package lives
+here.
 """
 from __future__ import annotations
 

@@ -344,3 +344,24 @@ def test_evaluate_disk_full_mid_run_names_the_file_and_keeps_the_points(tmp_path
     assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--resume"))) == 0
     assert count.calls == (2 if target.endswith("jsonl") else 0)
     assert results(out) == results(ref)
+
+
+def test_evaluate_curves_and_json(tmp_path, fc1_checkpoint, capsys):
+    out = tmp_path / "eval.json"
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, out, "--curves", "--json"))) == 0
+    printed = json.loads(capsys.readouterr().out)  # only JSON on stdout
+    assert printed["table"] == json.loads(out.read_text())["table"]
+    curves = json.loads((tmp_path / "eval_curves.json").read_text())
+    assert printed["curves"] == curves and set(curves["curves"]) == {"l1", "linf", "union"}
+    at1 = curves["scales"].index(1.0)
+    assert curves["curves"]["union"]["certified"][at1] == pytest.approx(100 - printed["table"]["union"]["UB"])
+    assert (tmp_path / "eval_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an explicit name; not a .png, or an unwritable place, is refused before any work
+    png = tmp_path / "figs" / "c.png"
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, None, "--curves", str(png)))) == 0
+    assert png.is_file() and png.with_suffix(".json").is_file()
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, None, "--curves", "c.txt"))) == 2
+    assert "--curves" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli.run_evaluate(parse_evaluate(small_eval(fc1_checkpoint, None, "--curves",
+                                                      str(tmp_path / "file" / "c.png")))) == 2

@@ -19,8 +19,10 @@ At the input, ``min_{z in S} <a, z>`` is computed *exactly* for the intersection
 Pre-activation bounds of hidden layer k come from the same back-substitution started at layer
 k (for both signs), intersected with cheaper valid bounds: interval propagation of the bounds of
 layer k - 1 and, for the first layer, ``z_j(x) -+ eps ||W_j||_q`` (the ball without the box).
-Only the (sample, unit) pairs that the cheap bounds leave unstable are back-substituted. All
-bounds are sound for the exact arithmetic of the model; they are computed in float64 on a
+Only the (sample, unit) pairs that the cheap bounds leave unstable are back-substituted:
+through leading convolution blocks on the units' receptive fields only (:mod:`.patch_bounds`),
+and not at all in a first layer whose interval bound is exact (p = inf, one non-diagonal layer).
+All bounds are sound for the exact arithmetic of the model; they are computed in float64 on a
 private float64 copy of the model (rounding, relative 1e-15 or so, is not bounded rigorously;
 :func:`certified_by_bounds` asks for margins above 1e-9 (1 + max |bound|)). Memory is bounded
 by processing rows in chunks.
@@ -41,11 +43,18 @@ from ..math.box_support import support_min
 from ..math.norms import parse_norm
 from ..nn.adapters import adapter_of
 from ..nn.chain import AffineBlock, parse_model
+from .patch_bounds import PatchBacksub, PatchPlan, patch_plan
 from .prediction import reliably_correct
 
 __all__ = ["BoundedNetwork", "layer_bounds", "margin_bounds", "certified_by_bounds", "support_min"]
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 elements per [samples, rows, width] work array (64 MiB)
+_PATCH_CHUNK_ELEMENTS = 1 << 20  # per gathered [pairs, 4, patch] array (cache-sized: measured faster)
+
+#: Exact shortcuts of :func:`hidden_bounds` (receptive-field patches through leading convolutions,
+#: :mod:`.patch_bounds`; no back-substitution of a first layer whose interval bound is exact).
+#: False: the dense back-substitution everywhere, the reference the shortcuts are tested against.
+SHORTCUTS = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +149,13 @@ class BoundedNetwork:
         if k not in cache:
             blk = self.blocks[k]
             cache[k] = blk.dense() if blk.n_in * blk.n_out <= 2 * _CHUNK_ELEMENTS else None
+        return cache[k]
+
+    def patch_plan(self, k: int) -> Optional[PatchPlan]:
+        """The receptive-field plan of hidden layer k (cached), None where it does not apply."""
+        cache = self.__dict__.setdefault("_patch_plans", {})
+        if k not in cache:
+            cache[k] = patch_plan(self.blocks[:k + 1])
         return cache[k]
 
     @property
@@ -240,6 +256,25 @@ def _ball_rows_norm(net: BoundedNetwork, q: float) -> torch.Tensor:
     return cache[q]
 
 
+def _interval_exact(blk: _Block) -> bool:
+    """Whether interval propagation through the block is exact: at most one layer that is not
+    diagonal (scale) or a reshape, so that the composition of per-layer |W| is |W|."""
+    return sum(adapter_of(layer).kind not in ("scale", "flatten") for layer in blk.block.layers) <= 1
+
+
+def _dense_lower(net: BoundedNetwork, k: int, b, j, rels, x, p, eps, lo, hi) -> torch.Tensor:
+    """[P, 2]: lower bounds of +- unit j of layer k for samples b, by dense back-substitution."""
+    blk, W = net.blocks[k], net.dense(k)
+    P = b.numel()
+    rows = W[j] if W is not None else blk.back(
+        torch.zeros((P, blk.n_out), dtype=torch.float64, device=x.device).index_put_(
+            (torch.arange(P, device=x.device), j), torch.ones(P, dtype=torch.float64, device=x.device)))
+    lam = torch.stack([rows, -rows], 1)  # [P, 2, n_in]: +- unit j, on its input
+    const = torch.stack([blk.bias[j], -blk.bias[j]], 1)
+    sub = [tuple(t[b] for t in r) for r in rels]
+    return _lower(net, k, lam, sub, x[b], p, eps[b], lo, hi, const=const)
+
+
 def hidden_bounds(net: BoundedNetwork, x: torch.Tensor, p: float, eps: torch.Tensor, lo: float,
                    hi: float) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     B, d = x.shape
@@ -260,23 +295,22 @@ def hidden_bounds(net: BoundedNetwork, x: torch.Tensor, p: float, eps: torch.Ten
             z0 = blk.forward_linear(x) + blk.bias
             r0 = eps[:, None] * _ball_rows_norm(net, q)[None]
             l, u = torch.maximum(l, z0 - r0), torch.minimum(u, z0 + r0)
-        # back-substitute only the (sample, unit) pairs the cheap bounds leave unstable
-        pairs = ((l < 0) & (u > 0)).nonzero()
+        # back-substitute only the (sample, unit) pairs the cheap bounds leave unstable; for
+        # p = inf the set is a box, on which the interval bound of an exact block is exact
+        exact = SHORTCUTS and k == 0 and math.isinf(p) and _interval_exact(blk)
+        pairs = ((l < 0) & (u > 0)).nonzero() if not exact else l.new_zeros((0, 2), dtype=torch.long)
         if pairs.numel():
-            width = max(d, max(b.n_in for b in net.blocks[:k + 1]))
-            chunk = max(1, _CHUNK_ELEMENTS // (2 * width))
-            W = net.dense(k)
+            plan = net.patch_plan(k) if SHORTCUTS else None
+            if plan is not None:
+                patches = PatchBacksub(plan, rels, [b.bias for b in net.blocks[:k + 1]], x)
+                chunk = max(1, _PATCH_CHUNK_ELEMENTS // (4 * plan.width))
+            else:
+                width = max(d, max(b.n_in for b in net.blocks[:k + 1]))
+                chunk = max(1, _CHUNK_ELEMENTS // (2 * width))
             for start in range(0, pairs.shape[0], chunk):
                 b, j = pairs[start:start + chunk].unbind(1)
-                P = b.numel()
-                rows = W[j] if W is not None else blk.back(
-                    torch.zeros((P, blk.n_out), dtype=torch.float64, device=x.device).index_put_(
-                        (torch.arange(P, device=x.device), j), torch.ones(P, dtype=torch.float64,
-                                                                          device=x.device)))
-                lam = torch.stack([rows, -rows], 1)  # [P, 2, n_in]: +- unit j, on its input
-                const = torch.stack([blk.bias[j], -blk.bias[j]], 1)
-                sub = [tuple(t[b] for t in r) for r in rels]
-                val = _lower(net, k, lam, sub, x[b], p, eps[b], lo, hi, const=const)
+                val = (patches.lower(b, j, p, eps, lo, hi) if plan is not None
+                       else _dense_lower(net, k, b, j, rels, x, p, eps, lo, hi))
                 l[b, j] = torch.maximum(l[b, j], val[:, 0])
                 u[b, j] = torch.minimum(u[b, j], -val[:, 1])
         bounds.append((l, u))

@@ -14,7 +14,7 @@ from torch import nn
 from ..certify import certified_by_bounds
 from ..curves import robustness_curves
 from ..evaluation import evaluate
-from ..evaluation_records import records_path
+from ..evaluation_records import RecordsError, records_path
 from ..math.norms import parse_norm
 from .config import NORMS
 from .reporting import certified_stats
@@ -76,7 +76,8 @@ def final_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      scales: Optional[Sequence[float]] = None) -> Dict[str, Any]:
     """The evaluation protocol on the given test points, its robustness curves and the Thm 4.1 line.
 
-    Writes ``evaluation.json`` (+ its per-point JSON lines, resumable) and, with ``curves``,
+    Writes ``evaluation.json`` (+ its per-point JSON lines: with ``resume`` an interrupted
+    evaluation continues from them; records of other points or options are replaced) and, with ``curves``,
     ``robustness_curves.json`` (and ``.png`` with ``plots``) into ``out_dir``. Returns the summary
     entries: ``eval`` (the table: TE, LB / UB per norm and for the union, in percent),
     ``eval_points``, ``eval_time_s``, ``eval_timing``, ``cert_universal_l2`` (percent of the points
@@ -88,8 +89,16 @@ def final_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     y = labels.to(p0.device)
     radii = {parse_norm(n): e for n, e in zip(NORMS, eps)}
     out = out_dir / EVALUATION_NAME
-    result = evaluate(model, x, y, eps=radii, box=tuple(box), progress=False, records=records_path(out),
-                      resume=resume and records_path(out).exists(), on_batch=on_eval_batch)
+    records = records_path(out)
+
+    def run(resume_records: bool):
+        return evaluate(model, x, y, eps=radii, box=tuple(box), progress=False, records=records,
+                        resume=resume_records, on_batch=on_eval_batch)
+    try:
+        result = run(resume and records.exists())
+    except RecordsError:  # an evaluation of other points or options (e.g. a new --eval-points): redo it
+        records.unlink()
+        result = run(False)
     result.to_json(out)
     files = [str(out)]
     summary: Dict[str, Any] = {"eval": result.rows(), "eval_points": result.n, "eval_timing": result.timing}
