@@ -97,10 +97,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", nargs=3, metavar=("E1", "E2", "EINF"),
                    help="target radii of the certificates (default: MNIST 1 0.3 0.1, GTS 3 0.2 4/255, CIFAR-10 2 0.1 2/255)")
     g.add_argument("--cert-points", type=int, metavar="N", help="test points certified during training (0: none)")
-    g.add_argument("--cert-every", type=int, default=1, metavar="N", help="certify every N epochs (default 1)")
+    g.add_argument("--cert-every", type=int, metavar="N", help="certify every N epochs (and after the last; "
+                   "default: the preset's)")
     g.add_argument("--eval-points", type=int, metavar="N",
                    help="test points evaluated at the end: attacks (LB), region certificate + bound "
                         "propagation (UB), as mmr-ext evaluate (0: none)")
+    g.add_argument("--eval-attack-steps", type=int, metavar="N",
+                   help="steps of the PGD and minimum-norm attacks of that evaluation (default: the preset's)")
     g.add_argument("--no-curves", dest="curves", action="store_false",
                    help="skip the robustness curves of the final evaluation")
 

@@ -40,7 +40,7 @@ __all__ = ["RobustnessCurves", "robustness_curves", "DEFAULT_SCALES", "KINDS"]
 KINDS = ("certified", "attacked", "region", "min_norm")
 
 #: Scales t of the radii ε_p at which the curves are evaluated by default.
-DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 @dataclass

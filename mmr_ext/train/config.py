@@ -57,15 +57,16 @@ PAPER_EPS: Dict[str, Dict[float, float]] = {
 #: ten minutes on two CPU cores (the schedules follow the steps so the short run still sees the
 #: whole k_B decay, λ warm-up and final learning-rate drop); ``paper`` is the papers' setting.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "paper": dict(epochs=100, batch_size=128, schedule_unit="epoch", cert_points=200,
-                  eval_points=1000),
-    "demo": dict(epochs=3, batch_size=64, lr=1e-3, schedule_unit="step", cert_points=100,
-                 eval_points=500),
+    "paper": dict(epochs=100, batch_size=128, schedule_unit="epoch", cert_points=200, cert_every=1,
+                  eval_points=1000, eval_attack_steps=100),
+    "demo": dict(epochs=3, batch_size=64, lr=1e-3, schedule_unit="step", cert_points=100, cert_every=4,
+                 eval_points=500, eval_attack_steps=50),
 }
 
 #: Options that may change when resuming (they do not affect the trained weights).
 RUNTIME_FIELDS = ("data_dir", "device", "threads", "out_dir", "resume", "overwrite", "keep_checkpoints",
-                  "progress", "plots", "cert_points", "cert_every", "eval_points", "curves", "test_subset",
+                  "progress", "plots", "cert_points", "cert_every", "eval_points", "eval_attack_steps", "curves",
+                  "test_subset",
                   "verbose")
 
 
@@ -107,6 +108,7 @@ class TrainConfig:
         certificate + bound propagation) after every ``cert_every`` epochs (0: never).
         eval_points: test points evaluated at the end with the papers' protocol
         (:func:`mmr_ext.evaluate`: attacks, region certificate, bound propagation; 0: none).
+        eval_attack_steps: steps of its PGD and minimum-norm attacks (1 restart).
         curves: also the robustness curves of that evaluation (:mod:`mmr_ext.curves`).
     Run
         seed, dtype (``float32``/``float64``), device (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
@@ -141,8 +143,9 @@ class TrainConfig:
     augment: Optional[bool] = None
     eps: Optional[Sequence[float]] = None
     cert_points: Optional[int] = None
-    cert_every: int = 1
+    cert_every: Optional[int] = None
     eval_points: Optional[int] = None
+    eval_attack_steps: Optional[int] = None
     curves: bool = True
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -274,6 +277,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     c.cert_every = _int(c.cert_every, "cert_every", 1)
     c.cert_points = _int(c.cert_points, "cert_points", 0)
     c.eval_points = _int(c.eval_points, "eval_points", 0)
+    c.eval_attack_steps = _int(c.eval_attack_steps, "eval_attack_steps", 1)
     c.train_subset = _int(c.train_subset, "train_subset", 1, allow_none=True)
     c.test_subset = _int(c.test_subset, "test_subset", 1, allow_none=True)
     c.threads = _int(c.threads, "threads", 1, allow_none=True)

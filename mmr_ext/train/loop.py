@@ -164,10 +164,14 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
 
     cert_x, cert_y = x_test[:c.cert_points], y_test[:c.cert_points]
     n_eval = min(c.eval_points, x_test.shape[0])
-    cert_epochs = sum(1 for e in range(start_epoch, c.epochs) if (e + 1) % c.cert_every == 0 or e + 1 == c.epochs)
+
+    def certify_after(epoch: int) -> bool:  # the last epoch's numbers come from the final evaluation
+        last = epoch + 1 == c.epochs
+        return bool(c.cert_points) and ((epoch + 1) % c.cert_every == 0 or last) and not (last and n_eval)
+    cert_epochs = sum(1 for e in range(start_epoch, c.epochs) if certify_after(e))
     # one display for the whole run; stage costs in training steps until measured (see progress.py)
     progress = RunProgress({"train": (c.epochs - start_epoch) * steps, "certify": 3 * cert_epochs * cert_x.shape[0],
-                            "evaluate": n_eval, "curves": 6 * n_eval if c.curves else 0},
+                            "evaluate": n_eval, "curves": 5 * n_eval if c.curves else 0},
                            guesses={"certify": 0.2, "evaluate": 1.0, "curves": 0.25},
                            enabled=c.progress and d.main, desc=f"{c.mode} {c.model}")
     if c.verbose and d.main:
@@ -236,7 +240,7 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
         if d.main:
             t1 = time.time()
             row["test_error"] = clean_error(model, x_test, y_test)
-            if c.cert_points and ((epoch + 1) % c.cert_every == 0 or epoch + 1 == c.epochs):
+            if certify_after(epoch):
                 progress.begin("certify")
                 row.update(protocol_certified(model, cert_x, cert_y, c.eps,
                                               on_batch=lambda n: progress.update("certify", n)))
@@ -278,8 +282,16 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
                 f"bound propagation" + (", then the robustness curves" if c.curves else ""))
             summary.update(final_evaluation(model, x_test[:n_eval], y_test[:n_eval], c.eps, out_dir,
                                             resume=resume is not None, plots=c.plots, curves=c.curves,
+                                            attack_steps=c.eval_attack_steps,
                                             on_eval_batch=lambda n: progress.update("evaluate", n),
                                             on_curve_batch=lambda n: progress.update("curves", n)))
+            if history:  # the training curves end with the certified fractions the evaluation measured
+                table = summary["eval"]
+                history[-1].update({f"cert_{k}": 1 - table[k]["UB"] / 100 for k in ("l1", "l2", "linf", "union")},
+                                   cert_points=n_eval)
+                write_metrics(history, out_dir)
+                if c.plots:
+                    plot_metrics(history, out_dir / "training_curves.png", c.eps)
         summary["wall_time_s"] = time.time() - start_time
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     progress.close()

@@ -70,7 +70,8 @@ def protocol_certified(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 
 def final_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: Sequence[float],
-                     out_dir: Path, *, resume: bool, plots: bool, curves: bool, box=(0.0, 1.0),
+                     out_dir: Path, *, resume: bool, plots: bool, curves: bool, attack_steps: int = 100,
+                     box=(0.0, 1.0),
                      on_eval_batch: Optional[Callable[[int], None]] = None,
                      on_curve_batch: Optional[Callable[[int], None]] = None,
                      scales: Optional[Sequence[float]] = None) -> Dict[str, Any]:
@@ -92,8 +93,9 @@ def final_evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     records = records_path(out)
 
     def run(resume_records: bool):
-        return evaluate(model, x, y, eps=radii, box=tuple(box), progress=False, records=records,
-                        resume=resume_records, on_batch=on_eval_batch)
+        return evaluate(model, x, y, eps=radii, box=tuple(box), attack_steps=attack_steps,
+                        fmn_steps=attack_steps, progress=False, records=records, resume=resume_records,
+                        on_batch=on_eval_batch)
     try:
         result = run(resume and records.exists())
     except RecordsError:  # an evaluation of other points or options (e.g. a new --eval-points): redo it

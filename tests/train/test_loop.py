@@ -53,11 +53,17 @@ def test_short_universal_run_reduces_regularizer_and_error(tmp_path):
 
 
 def test_certificates_tracked_each_epoch(tmp_path):
-    result = train(tiny_config(tmp_path, epochs=2, cert_points=15, cert_every=1))
+    result = train(tiny_config(tmp_path, epochs=3, cert_points=15, cert_every=1, eval_points=20))
+    first, *_, last = result.metrics
     for row in result.metrics:
-        assert row["cert_points"] == 15
         assert 0 <= row["cert_union"] <= row["cert_linf"] <= 1
-        assert row["median_radius_l2"] >= 0
+    assert first["cert_points"] == 15 and first["median_radius_l2"] >= 0
+    # the last epoch shows what the final evaluation measured (not a second certification)
+    table = result.summary["eval"]
+    assert last["cert_points"] == 20
+    for key in ("l1", "l2", "linf", "union"):
+        assert last[f"cert_{key}"] == pytest.approx(1 - table[key]["UB"] / 100)
+    assert json.loads((tmp_path / "metrics.json").read_text())[-1]["cert_points"] == 20
 
 
 @pytest.mark.parametrize("mode, extra", [
