@@ -7,6 +7,7 @@ import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 
 from .attacks import min_norm_attack, pgd, pgd_max, verify_adversarial
 from .certify import Certificate, MIPResult, certified_by_bounds, certify, layer_bounds, margin_bounds, verify_mip
+from .curves import RobustnessCurves, robustness_curves
 from .evaluation import EvaluationResult, evaluate
 from .geometry import (RegionGeometry, activation_pattern, flip_units, region_distances, region_distances_reference,
                        region_geometry)
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Certificate",
     "EvaluationResult",
+    "RobustnessCurves",
+    "robustness_curves",
     "MIPResult",
     "certified_by_bounds",
     "evaluate",

@@ -37,13 +37,16 @@ examples:
   mmr-ext train --out-dir results/run1 --resume   # continue an interrupted run exactly
   torchrun --nproc_per_node 2 -m mmr_ext train    # the same run on 2 processes (DDP)
 
-presets (options left unset): demo = 3 epochs, batch 64, lr 1e-3, schedules per step, 100
-certified test points per epoch, 500 at the end; paper = 100 epochs, batch 128, per-epoch
-schedules, 200 points per epoch, 1000 at the end. 'auto' is demo on mnist5k, else paper.
+presets (options left unset): demo = 14 epochs, batch 32, lr 1e-3, schedules per step, 100 test
+points certified after epoch 7, then the evaluation protocol on the first 500 test points (PGD and
+minimum-norm attacks of 50 steps; region certificate + bound propagation) with robustness curves;
+paper = 100 epochs, batch 128, per-epoch schedules, 200 points certified every epoch, evaluation of
+1000 points with 100-step attacks. 'auto' is demo on mnist5k, else paper.
 Schedules: k_B linear 20%->5% of the hidden units (universal) or 10%->2% (mmr); lambda from
 lambda/10 to lambda over the first 10% of the epochs; lr/10 for the last 10% of the epochs.
 Outputs in --out-dir: checkpoint.pt (every epoch), metrics.json, metrics.csv,
-training_curves.png, summary.json.
+training_curves.png, summary.json, evaluation.json (+ evaluation.points.jsonl),
+robustness_curves.json and robustness_curves.png.
 """
 
 
