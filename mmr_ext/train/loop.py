@@ -177,124 +177,126 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
     if c.verbose and d.main:
         say = progress.write
 
-    train_time = sum(r.get("time_s", 0.0) for r in history)
-    if start_epoch == 0:
-        say(f"training {c.mode} {c.model} on {c.dataset} ({x_train.shape[0]} train / {x_test.shape[0]} test "
-            f"points, preset {c.preset}) for {c.epochs} epochs of {steps} steps, batch {c.batch_size}"
-            + (f" over {d.world} processes" if d.world > 1 else "") + f" on {d.device}; output in '{out_dir}'")
-    for epoch in range(start_epoch, c.epochs):
-        t0 = time.time()
-        model.train()
-        sums = torch.zeros(7, dtype=torch.float64)  # points, errors, then the term_keys weighted by points
-        term_keys = ("loss", "cross_entropy", "boundary", "decision", "regularizer")
-        seen_terms = set()
-        progress.begin("train")
-        values = schedule.values(epoch, 0, steps)
-        for i, (xb, yb) in enumerate(loader):
-            values = schedule.values(epoch, i, steps)
-            for group in optimizer.param_groups:
-                group["lr"] = c.lr * values["lr_scale"]
-            n_global = xb.shape[0]
-            x = xb[d.rank::d.world].to(device=d.device, dtype=dtype)
-            y = yb[d.rank::d.world].to(d.device)
-            n = x.shape[0]
-            if n:
-                with torch.no_grad():
-                    wrong = int((model(x).argmax(1) != y).sum())
-                if c.mode in ("at", "mmr+at"):
-                    x = adversarial_batch(model, x, y, c, attack_gen)
-            else:
-                wrong = 0
-            optimizer.zero_grad(set_to_none=True)
-            loss, terms = runner(x, y, values["k_boundary"], values["lam_scale"], n * d.world / n_global)
-            loss.backward()
-            optimizer.step()
-            sums[0] += n
-            sums[1] += wrong
+    try:
+        train_time = sum(r.get("time_s", 0.0) for r in history)
+        if start_epoch == 0:
+            say(f"training {c.mode} {c.model} on {c.dataset} ({x_train.shape[0]} train / {x_test.shape[0]} test "
+                f"points, preset {c.preset}) for {c.epochs} epochs of {steps} steps, batch {c.batch_size}"
+                + (f" over {d.world} processes" if d.world > 1 else "") + f" on {d.device}; output in '{out_dir}'")
+        for epoch in range(start_epoch, c.epochs):
+            t0 = time.time()
+            model.train()
+            sums = torch.zeros(7, dtype=torch.float64)  # points, errors, then the term_keys weighted by points
+            term_keys = ("loss", "cross_entropy", "boundary", "decision", "regularizer")
+            seen_terms = set()
+            progress.begin("train")
+            values = schedule.values(epoch, 0, steps)
+            for i, (xb, yb) in enumerate(loader):
+                values = schedule.values(epoch, i, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = c.lr * values["lr_scale"]
+                n_global = xb.shape[0]
+                x = xb[d.rank::d.world].to(device=d.device, dtype=dtype)
+                y = yb[d.rank::d.world].to(d.device)
+                n = x.shape[0]
+                if n:
+                    with torch.no_grad():
+                        wrong = int((model(x).argmax(1) != y).sum())
+                    if c.mode in ("at", "mmr+at"):
+                        x = adversarial_batch(model, x, y, c, attack_gen)
+                else:
+                    wrong = 0
+                optimizer.zero_grad(set_to_none=True)
+                loss, terms = runner(x, y, values["k_boundary"], values["lam_scale"], n * d.world / n_global)
+                loss.backward()
+                optimizer.step()
+                sums[0] += n
+                sums[1] += wrong
+                for j, key in enumerate(term_keys):
+                    if key in terms:
+                        sums[2 + j] += terms[key] * n
+                        seen_terms.add(key)
+                if d.main:  # running means over this rank's points of the epoch
+                    m = max(1.0, float(sums[0]))
+                    post = {"loss": f"{sums[2] / m:.3f}", "ce": f"{sums[3] / m:.3f}"}
+                    if "boundary" in seen_terms:
+                        post["bnd"] = f"{sums[4] / m:.3f}"
+                        post["dec"] = f"{sums[5] / m:.3f}"
+                    elif "regularizer" in seen_terms:
+                        post["reg"] = f"{sums[6] / m:.3f}"
+                    post["err"] = f"{100 * sums[1] / m:.1f}%"
+                    progress.update("train", 1, f"epoch {epoch + 1}/{c.epochs} " +
+                                    " ".join(f"{k} {v}" for k, v in post.items()))
+            if d.world > 1:
+                sums = d.all_reduce(sums)
+            total = max(1.0, float(sums[0]))
+            row: Dict[str, Any] = {"epoch": epoch + 1, "lr": c.lr * values["lr_scale"],
+                                   "k_boundary": values["k_boundary"] if c.k_boundary else None,
+                                   "lam_scale": values["lam_scale"] if c.lam else None,
+                                   "train_error": float(sums[1]) / total}
             for j, key in enumerate(term_keys):
-                if key in terms:
-                    sums[2 + j] += terms[key] * n
-                    seen_terms.add(key)
-            if d.main:  # running means over this rank's points of the epoch
-                m = max(1.0, float(sums[0]))
-                post = {"loss": f"{sums[2] / m:.3f}", "ce": f"{sums[3] / m:.3f}"}
-                if "boundary" in seen_terms:
-                    post["bnd"] = f"{sums[4] / m:.3f}"
-                    post["dec"] = f"{sums[5] / m:.3f}"
-                elif "regularizer" in seen_terms:
-                    post["reg"] = f"{sums[6] / m:.3f}"
-                post["err"] = f"{100 * sums[1] / m:.1f}%"
-                progress.update("train", 1, f"epoch {epoch + 1}/{c.epochs} " +
-                                " ".join(f"{k} {v}" for k, v in post.items()))
-        if d.world > 1:
-            sums = d.all_reduce(sums)
-        total = max(1.0, float(sums[0]))
-        row: Dict[str, Any] = {"epoch": epoch + 1, "lr": c.lr * values["lr_scale"],
-                               "k_boundary": values["k_boundary"] if c.k_boundary else None,
-                               "lam_scale": values["lam_scale"] if c.lam else None,
-                               "train_error": float(sums[1]) / total}
-        for j, key in enumerate(term_keys):
-            row[f"train_{key}"] = float(sums[2 + j]) / total if key in seen_terms else None
-        row["time_s"] = time.time() - t0
-        train_time += row["time_s"]
-        if d.main:
-            t1 = time.time()
-            row["test_error"] = clean_error(model, x_test, y_test)
-            if certify_after(epoch):
-                progress.begin("certify")
-                row.update(protocol_certified(model, cert_x, cert_y, c.eps,
-                                              on_batch=lambda n: progress.update("certify", n)))
-            row["eval_time_s"] = time.time() - t1
-            history.append(row)
-            msg = (f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}"
-                   + (f" (ce {row['train_cross_entropy']:.4f}, reg {row['train_regularizer']:.4f})"
-                      if row.get("train_regularizer") is not None else "")
-                   + f", train err {100 * row['train_error']:.2f}%, test err {100 * row['test_error']:.2f}%")
-            if "cert_union" in row:
-                msg += (f", certified (region + bounds, {c.cert_points} points) l1 {100 * row['cert_l1']:.1f}% "
-                        f"l2 {100 * row['cert_l2']:.1f}% linf {100 * row['cert_linf']:.1f}% "
-                        f"union {100 * row['cert_union']:.1f}%")
-            say(msg + f" [{row['time_s']:.0f} s train, {row['eval_time_s']:.0f} s eval]")
-        else:
-            history.append(row)
-        rng = rng_state(loader_gen, attack_gen, d)
-        if d.main:
-            state = {"model_name": c.model, "in_shape": list(info.in_shape), "num_classes": info.num_classes,
-                     "dtype": c.dtype, "model_state": model.state_dict(), "epoch": epoch + 1,
-                     "optimizer_state": optimizer.state_dict(), "schedule_state": schedule.state_dict(),
-                     "rng": rng, "metrics": history, "config": config_dict(c), "world_size": d.world}
-            save_checkpoint(ckpt_path, state)
-            if c.keep_checkpoints:
-                save_checkpoint(out_dir / f"epoch_{epoch + 1:03d}.pt", state)
-            write_metrics(history, out_dir)
-            if c.plots:
-                plot_metrics(history, out_dir / "training_curves.png", c.eps)
-        d.barrier()
-
-    summary = None
-    if d.main:
-        summary = {"mode": c.mode, "p": c.p, "at_norm": c.at_norm, "model": c.model, "dataset": c.dataset,
-                   "epochs": c.epochs, "train_time_s": train_time, "eps": list(c.eps),
-                   "test_error": clean_error(model, x_test, y_test), "test_points": int(x_test.shape[0])}
-        if n_eval:
-            progress.begin("evaluate")
-            say(f"evaluating the first {n_eval} test points: attacks (PGD, minimum-norm), region certificate, "
-                f"bound propagation" + (", then the robustness curves" if c.curves else ""))
-            summary.update(final_evaluation(model, x_test[:n_eval], y_test[:n_eval], c.eps, out_dir,
-                                            resume=resume is not None, plots=c.plots, curves=c.curves,
-                                            attack_steps=c.eval_attack_steps,
-                                            on_eval_batch=lambda n: progress.update("evaluate", n),
-                                            on_curve_batch=lambda n: progress.update("curves", n)))
-            if history:  # the training curves end with the certified fractions the evaluation measured
-                table = summary["eval"]
-                history[-1].update({f"cert_{k}": 1 - table[k]["UB"] / 100 for k in ("l1", "l2", "linf", "union")},
-                                   cert_points=n_eval)
+                row[f"train_{key}"] = float(sums[2 + j]) / total if key in seen_terms else None
+            row["time_s"] = time.time() - t0
+            train_time += row["time_s"]
+            if d.main:
+                t1 = time.time()
+                row["test_error"] = clean_error(model, x_test, y_test)
+                if certify_after(epoch):
+                    progress.begin("certify")
+                    row.update(protocol_certified(model, cert_x, cert_y, c.eps,
+                                                  on_batch=lambda n: progress.update("certify", n)))
+                row["eval_time_s"] = time.time() - t1
+                history.append(row)
+                msg = (f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}"
+                       + (f" (ce {row['train_cross_entropy']:.4f}, reg {row['train_regularizer']:.4f})"
+                          if row.get("train_regularizer") is not None else "")
+                       + f", train err {100 * row['train_error']:.2f}%, test err {100 * row['test_error']:.2f}%")
+                if "cert_union" in row:
+                    msg += (f", certified (region + bounds, {c.cert_points} points) l1 {100 * row['cert_l1']:.1f}% "
+                            f"l2 {100 * row['cert_l2']:.1f}% linf {100 * row['cert_linf']:.1f}% "
+                            f"union {100 * row['cert_union']:.1f}%")
+                say(msg + f" [{row['time_s']:.0f} s train, {row['eval_time_s']:.0f} s eval]")
+            else:
+                history.append(row)
+            rng = rng_state(loader_gen, attack_gen, d)
+            if d.main:
+                state = {"model_name": c.model, "in_shape": list(info.in_shape), "num_classes": info.num_classes,
+                         "dtype": c.dtype, "model_state": model.state_dict(), "epoch": epoch + 1,
+                         "optimizer_state": optimizer.state_dict(), "schedule_state": schedule.state_dict(),
+                         "rng": rng, "metrics": history, "config": config_dict(c), "world_size": d.world}
+                save_checkpoint(ckpt_path, state)
+                if c.keep_checkpoints:
+                    save_checkpoint(out_dir / f"epoch_{epoch + 1:03d}.pt", state)
                 write_metrics(history, out_dir)
                 if c.plots:
                     plot_metrics(history, out_dir / "training_curves.png", c.eps)
-        summary["wall_time_s"] = time.time() - start_time
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
-    progress.close()
+            d.barrier()
+
+        summary = None
+        if d.main:
+            summary = {"mode": c.mode, "p": c.p, "at_norm": c.at_norm, "model": c.model, "dataset": c.dataset,
+                       "epochs": c.epochs, "train_time_s": train_time, "eps": list(c.eps),
+                       "test_error": clean_error(model, x_test, y_test), "test_points": int(x_test.shape[0])}
+            if n_eval:
+                progress.begin("evaluate")
+                say(f"evaluating the first {n_eval} test points: attacks (PGD, minimum-norm), region certificate, "
+                    f"bound propagation" + (", then the robustness curves" if c.curves else ""))
+                summary.update(final_evaluation(model, x_test[:n_eval], y_test[:n_eval], c.eps, out_dir,
+                                                resume=resume is not None, plots=c.plots, curves=c.curves,
+                                                attack_steps=c.eval_attack_steps,
+                                                on_eval_batch=lambda n: progress.update("evaluate", n),
+                                                on_curve_batch=lambda n: progress.update("curves", n)))
+                if history:  # the training curves end with the certified fractions the evaluation measured
+                    table = summary["eval"]
+                    history[-1].update({f"cert_{k}": 1 - table[k]["UB"] / 100 for k in ("l1", "l2", "linf", "union")},
+                                       cert_points=n_eval)
+                    write_metrics(history, out_dir)
+                    if c.plots:
+                        plot_metrics(history, out_dir / "training_curves.png", c.eps)
+            summary["wall_time_s"] = time.time() - start_time
+            atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+    finally:
+        progress.close()
     d.barrier()
     return TrainResult(model=model, config=c, metrics=history, summary=summary, out_dir=out_dir,
                        checkpoint=ckpt_path, train_time_s=train_time)

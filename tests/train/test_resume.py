@@ -146,3 +146,43 @@ def test_write_failure_mid_run_is_a_clear_error_and_the_run_resumes(tmp_path, mo
     assert cli.main(args + ["--resume"]) == 0
     a, b = final_state(tmp_path / "ref"), final_state(tmp_path / "run")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_final_evaluation_resumes_to_the_same_table(tmp_path, monkeypatch):
+    import importlib
+
+    protocol = importlib.import_module("mmr_ext.train.protocol")
+    evaluation = importlib.import_module("mmr_ext.evaluation")
+    real = protocol.evaluate
+    stop_after = {"batches": None}
+
+    def small_batches(*a, **k):  # 12 points in 3 batches; optionally interrupted after some of them
+        k["batch_size"] = 4
+        inner, done = k["on_batch"], [0]
+
+        def on_batch(n):
+            inner(n)
+            done[0] += 1
+            if done[0] == stop_after["batches"]:
+                raise KeyboardInterrupt
+        k["on_batch"] = on_batch
+        return real(*a, **k)
+    monkeypatch.setattr(protocol, "evaluate", small_batches)
+    kw = dict(epochs=1, train_subset=64, cert_points=0, eval_points=12, curves=False)
+    ref = train(tiny_config(tmp_path / "ref", **kw))
+
+    run = tmp_path / "run"
+    stop_after["batches"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(run, **kw))
+    lines = (run / "evaluation.points.jsonl").read_text().splitlines()
+    assert sum('"batch"' in line for line in lines) == 2
+    stop_after["batches"] = None
+    pgd_calls = []
+    real_pgd = evaluation.pgd
+    monkeypatch.setattr(evaluation, "pgd", lambda *a, **k: pgd_calls.append(1) or real_pgd(*a, **k))
+    resumed = train(tiny_config(run, resume="auto", **kw))
+    assert len(pgd_calls) == 3  # only the last batch is attacked again (once per norm)
+    assert resumed.summary["eval"] == ref.summary["eval"]
+    assert json.loads((run / "evaluation.json").read_text())["points"] == \
+        json.loads((tmp_path / "ref" / "evaluation.json").read_text())["points"]
