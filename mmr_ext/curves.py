@@ -32,7 +32,7 @@ from torch import nn
 from .certify import certified_by_bounds
 from .evaluation import EvaluationResult
 from .math.norms import norm_name
-from .outputs import atomic_write
+from .outputs import atomic_write_png, atomic_write_text
 
 __all__ = ["RobustnessCurves", "robustness_curves", "DEFAULT_SCALES", "KINDS"]
 
@@ -95,8 +95,7 @@ class RobustnessCurves:
 
     def to_json(self, path: Union[str, os.PathLike]) -> Path:
         """Writes :meth:`to_dict` atomically; :class:`mmr_ext.outputs.OutputError` names a failing path."""
-        text = json.dumps(self.to_dict(), indent=1) + "\n"
-        return atomic_write(Path(path), lambda f: f.write(text), what="curves file")
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n", what="curves file")
 
     def plot(self, path: Union[str, os.PathLike], title: Optional[str] = None) -> Path:
         """PNG with one panel per norm and one for the union (matplotlib)."""
@@ -127,11 +126,7 @@ class RobustnessCurves:
         if title:
             fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        try:
-            return atomic_write(Path(path), lambda f: fig.savefig(f, format="png", dpi=90), binary=True,
-                                what="figure")
-        finally:
-            plt.close(fig)
+        return atomic_write_png(path, fig)
 
 
 def _check_scales(scales) -> tuple:
@@ -194,11 +189,13 @@ def robustness_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result
             att[p][t] = fmn[p][t] | (result.attacked[p] if t >= 1.0 else torch.zeros_like(correct))
         cert[p][1.0] = result.certified[p] | region[p][1.0]
         for t in reversed([t for t in grid if t < 1.0]):  # descending: certified at t' > t holds at t
-            larger = cert[p][min(s for s in grid if s > t)]
-            c = correct & (larger | region[p][t])
-            if use_bounds and t > 0:
+            if t == 0:  # the clean accuracy
+                cert[p][t] = correct.clone()
+                continue
+            c = correct & (cert[p][min(s for s in grid if s > t)] | region[p][t])
+            if use_bounds:
                 c = c | bounds(p, t, correct & ~c & ~att[p][t])
-            cert[p][t] = c | (correct if t == 0 else torch.zeros_like(c))
+            cert[p][t] = c
         for t in [t for t in grid if t > 1.0]:  # ascending: only points certified at the smaller scale
             smaller = cert[p][max(s for s in grid if s < t)]
             c = region[p][t].clone()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional, Union
 
 __all__ = ["OutputError", "check_output_file", "check_output_dir", "atomic_write", "atomic_write_text",
-           "writing"]
+           "atomic_write_png", "writing"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,3 +130,14 @@ def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = Fal
 def atomic_write_text(path: PathLike, text: str, what: str = "output file") -> Path:
     """Writes ``text`` to ``path`` atomically (:func:`atomic_write`)."""
     return atomic_write(path, lambda f: f.write(text), what=what)
+
+
+def atomic_write_png(path: PathLike, fig, dpi: int = 90) -> Path:
+    """Saves the matplotlib figure ``fig`` to ``path`` as PNG atomically (:func:`atomic_write`), then
+    closes it (also when the write fails)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True, what="figure")
+    finally:
+        plt.close(fig)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..math.norms import norm_name, parse_norm
-from ..outputs import atomic_write, atomic_write_text
+from ..outputs import atomic_write_png, atomic_write_text
 from .config import NORMS
 
 __all__ = ["clean_error", "certified_stats", "write_metrics", "plot_metrics", "format_summary"]
@@ -123,10 +123,7 @@ def plot_metrics(history: List[Dict[str, Any]], path: Path, eps: Sequence[float]
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90), binary=True, what="figure")
-    finally:
-        plt.close(fig)
+    atomic_write_png(path, fig)
 
 
 def format_summary(s: Dict[str, Any]) -> str:
