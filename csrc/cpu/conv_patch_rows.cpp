@@ -3,7 +3,7 @@
 // slope adds the previous unit's row, scaled by the slope and the tap's weights of all output
 // channels, at the tap's offset inside the output window: O-wide multiply-adds on a transposed
 // [window, O] scratch that stays in cache, no multiplication by the zeros outside the receptive
-// fields. The backward runs the same loops with the incoming gradient.
+// fields. The backward runs the same loops with the incoming gradient, over the units that have one.
 #include "../checks.h"
 #include "../patch_rows.h"
 #include "simd.h"
@@ -122,34 +122,77 @@ MMR_ALWAYS_INLINE void sample_rows(const ConvPatchGeometry& g, const ConvPatchOp
   }
 }
 
+// Buffers of one thread for the backward, per output position: the incoming gradient transposed
+// to [E, m] for the m units that have one, their indices, and (when m <= O/2) those units' weights
+// and weight gradients [taps, m]. Units without a gradient cost nothing: after a top-k selection, most.
+template <typename scalar_t>
+struct GradScratch {
+  std::vector<scalar_t> grad, weight, grad_weight;
+  std::vector<int64_t> units;
+  GradScratch(int64_t E, int64_t O, int64_t taps) : grad(E * O), weight(taps * O), grad_weight(taps * O), units(O) {}
+};
+
 // The gradients of sample b: grad_out [O, Ho*Wo, E] in; grad_weight_t [C, kh, kw, O] and
-// grad_prev [C, Hp, Wp, E'] accumulated; scratch [E, O] and inside [E].
+// grad_prev [C, Hp, Wp, E'] accumulated; inside [E].
 template <typename scalar_t>
 MMR_ALWAYS_INLINE void sample_grads(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
                                     const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_weight_t,
-                                    scalar_t* __restrict__ grad_prev, scalar_t* __restrict__ scratch,
+                                    scalar_t* __restrict__ grad_prev, GradScratch<scalar_t>& buf,
                                     unsigned char* __restrict__ inside) {
   const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out), Ep = prev_window_size_of(g);
+  const int64_t taps = g.C * g.kh * g.kw;
+  scalar_t* __restrict__ scratch = buf.grad.data();
   for (int64_t l = 0; l < L; ++l) {
     const int64_t y = l / g.out.W, x = l % g.out.W;
     inside_entries(g, y, x, inside);
+    int64_t m = 0;
     for (int64_t o = 0; o < O; ++o) {
       const scalar_t* row = grad_out + (o * L + l) * E;
-      for (int64_t e = 0; e < E; ++e) scratch[e * O + o] = inside[e] ? row[e] : scalar_t(0);
+      for (int64_t e = 0; e < E; ++e) {
+        if (inside[e] && row[e] != scalar_t(0)) {
+          buf.units[m++] = o;
+          break;
+        }
+      }
+    }
+    if (m == 0) continue;
+    const bool compact = 2 * m <= O;  // else gathering the weights costs more than the zero rows
+    if (!compact) {
+      m = O;
+      for (int64_t o = 0; o < O; ++o) buf.units[o] = o;
+    }
+    for (int64_t k = 0; k < m; ++k) {
+      const scalar_t* row = grad_out + (buf.units[k] * L + l) * E;
+      for (int64_t e = 0; e < E; ++e) scratch[e * m + k] = inside[e] ? row[e] : scalar_t(0);
+    }
+    const scalar_t* weights = op.weight_t;
+    scalar_t* grad_weights = grad_weight_t;
+    if (compact) {  // the weights of the m units, and their gradients, in [taps, m] blocks
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        for (int64_t k = 0; k < m; ++k) buf.weight[tap * m + k] = op.weight_t[tap * O + buf.units[k]];
+      }
+      std::fill(buf.grad_weight.begin(), buf.grad_weight.begin() + taps * m, scalar_t(0));
+      weights = buf.weight.data();
+      grad_weights = buf.grad_weight.data();
     }
     for_active_taps<scalar_t>(g, op, b, y, x, [&](int64_t c, int64_t i, int64_t j, scalar_t s, const scalar_t* row,
                                                   int64_t yp, int64_t xp) {
       const int64_t tap = (c * g.kh + i) * g.kw + j;
-      const scalar_t* w = op.weight_t + tap * O;
-      scalar_t* gw = grad_weight_t + tap * O;
+      const scalar_t* w = weights + tap * m;
+      scalar_t* gw = grad_weights + tap * m;
       scalar_t* gp = grad_prev + ((c * g.Hp + yp) * g.Wp + xp) * Ep;
       for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) {
-        const scalar_t* ge = scratch + e * O;
+        const scalar_t* ge = scratch + e * m;
         const scalar_t v = row[ep] * s;
-        if (v != scalar_t(0)) axpy<scalar_t>(gw, ge, v, O);
-        gp[ep] += s * dot<scalar_t>(w, ge, O);
+        if (v != scalar_t(0)) axpy<scalar_t>(gw, ge, v, m);
+        gp[ep] += s * dot<scalar_t>(w, ge, m);
       });
     });
+    if (compact) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        for (int64_t k = 0; k < m; ++k) grad_weight_t[tap * O + buf.units[k]] += buf.grad_weight[tap * m + k];
+      }
+    }
   }
 }
 
@@ -163,8 +206,9 @@ struct SampleKernels;
   }                                                                                                               \
   MMR_SIMD_CLONES void sample_grads_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, \
                                                int64_t b, const scalar_t* grad_out, scalar_t* grad_weight_t,      \
-                                               scalar_t* grad_prev, scalar_t* scratch, unsigned char* inside) {   \
-    sample_grads<scalar_t>(g, op, b, grad_out, grad_weight_t, grad_prev, scratch, inside);                        \
+                                               scalar_t* grad_prev, GradScratch<scalar_t>& buf,                   \
+                                               unsigned char* inside) {                                           \
+    sample_grads<scalar_t>(g, op, b, grad_out, grad_weight_t, grad_prev, buf, inside);                            \
   }                                                                                                               \
   template <>                                                                                                     \
   struct SampleKernels<scalar_t> {                                                                                \
@@ -228,12 +272,11 @@ std::tuple<at::Tensor, at::Tensor> conv_patch_rows_backward_cpu(
       const int t = at::get_thread_num();
       weight_parts[t].resize(taps * g.O, scalar_t(0));
       if (Bp == 1) prev_parts[t].resize(prev_numel, scalar_t(0));
-      std::vector<scalar_t> scratch(E * g.O);
+      GradScratch<scalar_t> buf(E, g.O, taps);
       std::vector<unsigned char> inside(E);
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* gprev_b = Bp == 1 ? prev_parts[t].data() : gprev + b * prev_numel;
-        SampleKernels<scalar_t>::grads(g, op, b, gp + b * g.O * L * E, weight_parts[t].data(), gprev_b, scratch.data(),
-                                       inside.data());
+        SampleKernels<scalar_t>::grads(g, op, b, gp + b * g.O * L * E, weight_parts[t].data(), gprev_b, buf, inside.data());
       }
     });
     scalar_t* gw = grad_weight_t.data_ptr<scalar_t>();

@@ -6,6 +6,7 @@ Layers or layouts outside the representations make :func:`compute_geometry` use 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,11 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_chunk_size, check_input, check_labels
 from ..math.norms import dual_exponent
-from ..native import lazy_row_distances, native_or_warn, row_distances
+from ..native import lazy_row_distances, native_or_warn, recomputing, row_distances
 from ..nn.chain import Chain, activation_mask, parse_model
 from .memory import MemoryBudget
 from .reference import decision_geometry, reference_geometry
 from .representations import Dense, Unsupported, identity_rows
+from .sparsity import RECORD
 from .steps import ON_DEMAND, RowPass, apply_block, mask_rows, to_dense
 
 Geometry = Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
@@ -26,14 +28,14 @@ Geometry = Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 def _walk(chain: Chain, x: torch.Tensor, state: RowPass, on_hidden: Callable) -> Tuple[list, Dense, torch.Tensor]:
     """Builds the rows layer by layer: ``on_hidden(f_flat, rep)`` of every hidden layer (in
-    order), the explicit rows of the logits and the logits [B, K]."""
+    order; a pair with the block's key layer), the explicit rows of the logits and the logits [B, K]."""
     B = x.shape[0]
     rep = identity_rows(x)
     g = x
     layers = []
     for block, slope in chain.hidden:
         rep, f = apply_block(rep, block, g, state)
-        layers.append(on_hidden(f.reshape(B, -1), rep))
+        layers.append((block.key_layer(), on_hidden(f.reshape(B, -1), rep)))
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = mask_rows(rep, mask)
@@ -43,37 +45,40 @@ def _walk(chain: Chain, x: torch.Tensor, state: RowPass, on_hidden: Callable) ->
     return layers, to_dense(rep, state.ledger), logits.reshape(B, -1)
 
 
-def explicit_elements_per_sample(chain: Chain, x: torch.Tensor) -> int:
+def explicit_elements_per_sample(chain: Chain, x: torch.Tensor, sparsity: Optional[dict]) -> int:
     """Elements per sample of the largest explicit intermediate of a pass (0: none). These sizes
-    depend on the shapes only, so a pass over two samples that builds no distances measures them."""
-    state = RowPass()
+    depend on the shapes and the plan only, so a pass over two samples that builds no distances
+    measures them."""
+    state = RowPass(sparsity=sparsity)
     with torch.no_grad():
         _walk(chain, x[:2], state, lambda f, rep: None)
     return state.ledger.per_sample
 
 
 def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
-                  budget: MemoryBudget) -> Geometry:
-    """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once."""
+                  budget: MemoryBudget, sparsity: Optional[dict] = None) -> Geometry:
+    """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once,
+    as planned from ``sparsity`` (:mod:`.sparsity`), whose record the backward updates."""
     B = x.shape[0]
 
     def hidden_distances(f_flat, rep):
         # rows built on demand wait until it is known whether a later layer forces them
         return (f_flat, rep) if isinstance(rep, ON_DEMAND) else row_distances(f_flat, rep.rows(), qs)[0]
 
-    layers, rows, logits = _walk(chain, x, RowPass(), hidden_distances)
+    layers, rows, logits = _walk(chain, x, RowPass(sparsity=sparsity), hidden_distances)
     check_labels(labels, B, logits.shape[1], x.device)
     V = rows.V.expand(B, -1, -1) if rows.V.shape[0] == 1 else rows.V
     c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
     decisions = row_distances(margin, diff.transpose(1, 2), qs, is_signed=True)[0]
     boundary = []
-    for entry in layers:
+    for layer, entry in layers:
         if isinstance(entry, tuple):
             f_flat, lazy = entry
             entry = lazy.forced_distances(f_flat, qs)  # a later layer needed the rows explicitly
             if entry is None:
                 entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.distances_of, lazy.tensors(), qs,
-                                           budget.lazy_chunk(lazy.elements_per_sample(), B))
+                                           budget.lazy_chunk(lazy.elements_per_sample(), B), lazy.forward_pays)
+        RECORD.watch(layer, entry)
         boundary.append(entry)
     out = []
     for i, decision in enumerate(decisions):
@@ -83,19 +88,21 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
 
 
 def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
-                      budget: MemoryBudget) -> Geometry:
+                      budget: MemoryBudget, sparsity: Optional[dict] = None) -> Geometry:
     """:func:`fast_geometry` of the whole batch, or, when its explicit rows (deep conv patches)
     would break the budget, of chunks of samples, each checkpointed under autograd (its rows are
-    rebuilt in the backward), so that one chunk's rows are alive at a time."""
+    rebuilt in the backward, distances to rows built on demand are not), so that one chunk's rows
+    are alive at a time."""
     B = x.shape[0]
-    n = budget.samples_per_pass(explicit_elements_per_sample(chain, x), B) if B > 1 else B
+    n = budget.samples_per_pass(explicit_elements_per_sample(chain, x, sparsity), B) if B > 1 else B
     if n >= B:
-        return fast_geometry(chain, x, qs, labels, budget)
+        return fast_geometry(chain, x, qs, labels, budget, sparsity)
     parts = []
     for start in range(0, B, n):
-        args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], budget)
+        args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], budget, sparsity)
         if torch.is_grad_enabled():
-            parts.append(checkpoint(fast_geometry, *args, use_reentrant=False))
+            parts.append(checkpoint(fast_geometry, *args, use_reentrant=False,
+                                    context_fn=lambda: (nullcontext(), recomputing())))
         else:
             parts.append(fast_geometry(*args))
     per_norm = [(torch.cat([part[0][i][0] for part in parts]), torch.cat([part[0][i][1] for part in parts]))
@@ -111,7 +118,7 @@ def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Op
     check_input(model, x)
     if native_or_warn():
         try:
-            return budgeted_geometry(chain, x, qs, labels, budget)
+            return budgeted_geometry(chain, x, qs, labels, budget, RECORD.snapshot())
         except Unsupported:
             pass
     return reference_geometry(chain, x, qs, labels)

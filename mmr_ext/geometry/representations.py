@@ -13,7 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
+import math
+
 import torch
+
+from ..native import patch_linear_rows
 
 
 class Unsupported(Exception):
@@ -55,6 +59,24 @@ class Patches:
         Bp, C, H, W = P.shape[:4]
         return P.reshape(Bp, C * H * W, -1)
 
+    def linear_rows(self, W: torch.Tensor, samples: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input-space rows [n, O, d] of the map W [O, C*H*W] applied to these rows (their pending
+        mask included), in forward order by the native :func:`mmr_ext.native.patch_linear_rows`
+        (units with a zero slope skipped); ``samples``: only those samples' rows."""
+        P, mask = self.P, self.mask
+        if samples is not None:
+            P = P if P.shape[0] == 1 else take_samples(P, samples)
+            mask = None if mask is None else take_samples(mask, samples)
+        Bp, C, H, Wd, Cin, Rh, Rw = P.shape
+        n = Bp if mask is None else mask.shape[0]
+        patches = P.reshape(Bp, C, H * Wd, Cin * Rh * Rw).expand(n, -1, -1, -1)
+        mask = None if mask is None else mask.reshape(n, C, H * Wd)
+        return patch_linear_rows(patches, mask, W, (H, Wd), (Cin, Rh, Rw), self.stride, self.offset, self.in_shape)
+
+    def linear_macs(self, O: int) -> float:
+        """Multiply-adds of :meth:`linear_rows` for one sample (upper bound: every unit active)."""
+        return float(O * math.prod(self.P.shape[1:]))
+
 
 @dataclass
 class KernelPatches:
@@ -82,6 +104,14 @@ class KernelPatches:
 
     def rows(self) -> torch.Tensor:
         return self.materialize().rows()
+
+
+def take_samples(t: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """t[samples]: a view when the samples are consecutive (the chunks of a pass), else a copy."""
+    n = samples.numel()
+    if n > 0 and bool((samples.diff() == 1).all()):
+        return t.narrow(0, int(samples[0]), n)
+    return t[samples]
 
 
 def window_inside(grid, size, stride, offset, in_shape, like: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..native import conv_transpose_fits, conv_transpose_row_distances, row_distances
 from ..nn.adapters import adapter_of, pair
-from .representations import Dense
+from .representations import Dense, Patches, take_samples
 
 
 @dataclass
@@ -30,27 +30,50 @@ class ReverseRows:
     in_shape: Tuple[int, ...]
     mask: Optional[torch.Tensor] = None  # [B, O] Σ of the following activation, not yet applied
     cache: dict = field(default_factory=dict)
+    #: the patch rows of the layer's input, when the forward order is cheaper: all rows of a sample
+    #: (the forward's distances, forcing) are then built in forward order from them; the pairs of
+    #: the backward in whichever order costs fewer multiply-adds for them (:meth:`rows_of`)
+    basis: Optional[Patches] = None
 
     @staticmethod
-    def of(layer: nn.Linear, trace: list, in_shape) -> "ReverseRows":
+    def of(layer: nn.Linear, trace: list, in_shape, basis: Optional[Patches] = None) -> "ReverseRows":
         weights = [None if isinstance(e, torch.Tensor) else adapter_of(e[0]).transpose_weight(e[0]) for e in trace]
-        return ReverseRows(layer.weight, list(trace), weights, tuple(in_shape))
+        return ReverseRows(layer.weight, list(trace), weights, tuple(in_shape), basis=basis)
+
+    @property
+    def d(self) -> int:
+        return math.prod(self.in_shape)
 
     def tensors(self) -> List[torch.Tensor]:
         """The tensors the rows depend on, in the order :meth:`rows_of` takes them."""
-        return [self.weight] + [w for w in self.weights if w is not None]
+        basis = [] if self.basis is None else [self.basis.P]
+        return [self.weight] + [w for w in self.weights if w is not None] + basis
 
     def _unpack(self, tensors: Optional[Sequence[torch.Tensor]]):
         if tensors is None:
-            return self.weight, self.weights
+            return self.weight, self.weights, self.basis
         rest = iter(tensors[1:])
-        return tensors[0], [None if w is None else next(rest) for w in self.weights]
+        weights = [None if w is None else next(rest) for w in self.weights]
+        return tensors[0], weights, None if self.basis is None else replace(self.basis, P=next(rest))
+
+    def forward_pays(self, samples: torch.Tensor, units: torch.Tensor) -> bool:
+        """Whether building all rows of the distinct samples in forward order from the basis costs
+        fewer multiply-adds than walking the pairs' rows back one by one."""
+        if self.basis is None:
+            return False
+        distinct = torch.unique(samples).numel()
+        return distinct * self.basis.linear_macs(self.weight.shape[0]) < units.numel() * reverse_macs(self.trace, 1)
 
     def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
                 tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """All rows [len(samples) or 1, O, d] (samples None: the whole batch), or with ``units``
         the rows [S, d] of the pairs (samples[i], units[i]); ``tensors`` replace :meth:`tensors`."""
-        W, weights = self._unpack(tensors)
+        W, weights, basis = self._unpack(tensors)
+        if basis is not None and units is None:
+            return basis.linear_rows(W, samples)
+        if units is not None and self.forward_pays(samples, units):
+            distinct, inverse = torch.unique(samples, return_inverse=True)
+            return basis.linear_rows(W, distinct)[inverse, units]
         out = reverse_walk(W[None] if units is None else W[units][:, None], self.trace, weights, samples)
         out = out.reshape(out.shape[0], out.shape[1], -1)
         return out if units is None else out[:, 0]
@@ -61,15 +84,15 @@ class ReverseRows:
         autograd. When the walk ends with a conv on the input, that step runs fused with the dual
         norms and the conv's activation mask (:func:`mmr_ext.native.conv_transpose_row_distances`): the masked
         maps and the input-space rows are never stored."""
-        W, weights = self._unpack(tensors)
-        fused = fusable_first_conv(self.trace, weights)
+        W, weights, _ = self._unpack(tensors)
+        fused = None if self.basis is not None else fusable_first_conv(self.trace, weights)
         if fused is None:
             return row_distances(f, self.rows_of(samples, None, tensors), qs)[0]
         at, weight = fused
         rest = at + 1
         mask = None
         if rest < len(self.trace) and isinstance(self.trace[rest], torch.Tensor):  # the conv's activation:
-            mask, rest = self.trace[rest][samples], rest + 1  # applied inside the fused step
+            mask, rest = take_samples(self.trace[rest], samples), rest + 1  # applied inside the fused step
         maps = reverse_walk(W[None], self.trace[rest:], weights[rest:], samples)
         maps = maps.expand((f.shape[0],) + tuple(maps.shape[1:]))
         conv, conv_in, _ = self.trace[at]
@@ -78,6 +101,8 @@ class ReverseRows:
 
     def elements_per_sample(self) -> int:
         """Elements of the largest intermediate per sample when building all rows."""
+        if self.basis is not None:
+            return self.weight.shape[0] * self.d
         widest = max([math.prod(e[1]) for e in self.trace if not isinstance(e, torch.Tensor)] + [self.weight.shape[1]])
         return self.weight.shape[0] * widest
 
@@ -85,12 +110,22 @@ class ReverseRows:
         """Distances [Q, B, O] to the explicit rows once a later layer forced them (else None)."""
         return row_distances(f, self.cache["dense"].V, qs)[0] if "dense" in self.cache else None
 
+    def forced_macs(self) -> float:
+        """Multiply-adds per sample of :meth:`force` (the forward order from the basis)."""
+        return self.basis.linear_macs(self.weight.shape[0])
+
     def force(self) -> Dense:
         """The rows as an explicit, differentiable Dense representation."""
         if "dense" not in self.cache:
             V = self.rows_of(None, None)
             self.cache["dense"] = Dense(V, V.shape[-1])
         return replace(self.cache["dense"], mask=self.mask)
+
+
+def reverse_macs(trace: list, O: int) -> float:
+    """Multiply-adds of walking O rows back through the traced layers (masks are free)."""
+    total = sum(adapter_of(e[0]).row_cost(*e) for e in trace if not isinstance(e, torch.Tensor))
+    return O * total
 
 
 def reverse_walk(rows: torch.Tensor, trace: list, weights: list, samples: Optional[torch.Tensor]) -> torch.Tensor:
@@ -104,7 +139,7 @@ def reverse_walk(rows: torch.Tensor, trace: list, weights: list, samples: Option
         Bp, O = rows.shape[:2]
         if isinstance(entry, torch.Tensor):  # Σ of an activation: per sample
             # feature-map masks are stored channels-last (see _fast_geometry): the layout of the rows
-            rows = rows * (entry if samples is None else entry[samples])[:, None]
+            rows = rows * (entry if samples is None else take_samples(entry, samples))[:, None]
             continue
         layer, layer_in, _ = entry
         flat = adapter_of(layer).transpose(layer, rows.reshape((Bp * O,) + tuple(rows.shape[2:])), layer_in, weight)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,11 @@ from torch import nn
 
 from ..nn.adapters import adapter_of, pair
 from ..nn.chain import AffineBlock
-from ..native import patch_linear_rows
 from .conv_rows import conv_kernel, conv_rows, full_weight, pool_patches
 from .memory import ExplicitRows
 from .representations import Dense, KernelPatches, Patches, Unsupported
-from .reverse_rows import ReverseRows
+from .reverse_rows import ReverseRows, reverse_macs
+from .sparsity import density_of
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RowPass:
 
     trace: List = field(default_factory=list)
     ledger: ExplicitRows = field(default_factory=ExplicitRows)
+    sparsity: Optional[dict] = None  # the gradient densities the pass plans from (:mod:`.sparsity`)
 
 
 #: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
@@ -102,8 +103,11 @@ def flatten_step(rep, layer: nn.Flatten, state: "RowPass"):
 def linear_step(rep, layer: nn.Linear, state: "RowPass"):
     trace = state.trace
     W = layer.weight
-    if isinstance(rep, ReverseRows):  # stay in reverse order: the rows of W need no rows of rep
-        return ReverseRows.of(layer, trace, rep.in_shape)
+    O = W.shape[0]
+    if isinstance(rep, ReverseRows):
+        if rep.basis is not None and rep.forced_macs() + O * rep.weight.shape[0] * rep.d <= reverse_macs(trace, O):
+            return linear_step(rep.force(), layer, state)  # cheaper from the explicit rows
+        return ReverseRows.of(layer, trace, rep.in_shape)  # stay in reverse order: needs no rows of rep
     if isinstance(rep, Dense):
         if rep.V is None and rep.mask is None:
             return Dense(W[None], rep.d)
@@ -114,26 +118,26 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
         raise Unsupported("Linear on unflattened feature maps")
     if isinstance(rep, KernelPatches):
         return kernel_to_dense(rep, W)
-    if PATCH_COST_WEIGHT * patch_macs(rep, W.shape[0]) <= reverse_macs(trace, W.shape[0]):
-        return patches_to_dense(rep, W, state.ledger)
-    return ReverseRows.of(layer, trace, rep.in_shape)
+    if PATCH_COST_WEIGHT * rep.linear_macs(O) > reverse_macs(trace, O):
+        return ReverseRows.of(layer, trace, rep.in_shape)
+    if on_demand_pays(density_of(state.sparsity, layer), rep, trace, O):
+        return ReverseRows.of(layer, trace, rep.in_shape, basis=rep)  # values in forward order
+    return patches_to_dense(rep, W, state.ledger)
 
 
-# Per-MAC cost of the forward order (native patch_linear_rows) relative to the reverse order's
-# transposed convolutions: 1, a plain multiply-add comparison (docs/MATH.md §13.2; forward order
-# measured faster on every zoo model, trained or not).
+def on_demand_pays(density: Optional[float], rep: Patches, trace: list, O: int) -> bool:
+    """Whether the rows of a Linear layer after convolutions (forward order cheaper) are kept on
+    demand, given the fraction of their (sample, unit) pairs whose distance got a gradient last
+    time: when rebuilding those pairs in reverse order costs fewer multiply-adds than all rows of a
+    sample in forward order. Pairs rebuilt in reverse send their gradient straight to the weights,
+    and the logits' rows are then walked back too, so that neither passes a gradient on to every
+    patch row of the sample, as explicit rows do (docs/MATH.md §13.2). Never measured: explicit."""
+    return density is not None and density * O * reverse_macs(trace, 1) < PATCH_COST_WEIGHT * rep.linear_macs(O)
+
+
+#: Per-MAC cost of the forward order (native patch_linear_rows) relative to the reverse order's
+#: transposed convolutions: 1, a plain multiply-add comparison (docs/MATH.md §13.2).
 PATCH_COST_WEIGHT = 1.0
-
-
-def patch_macs(rep, O: int) -> float:
-    return float(O * math.prod(rep.P.shape[1:]))
-
-
-def reverse_macs(trace: list, O: int) -> float:
-    """Multiply-adds of walking O rows back through the traced layers (masks are free)."""
-    total = sum(adapter_of(e[0]).row_cost(*e) for e in trace if not isinstance(e, torch.Tensor))
-    return O * total
-
 
 def kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
     """Rows of W [O, C*H*W] applied to (masked) kernel rows: one transposed conv per (sample, row)."""
@@ -162,17 +166,11 @@ def crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Dens
 
 
 def patches_to_dense(rep: Patches, W: torch.Tensor, ledger: ExplicitRows) -> Dense:
-    """Rows of the map W [O, C*H*W] applied to patch rows (their pending mask included), in forward
-    order by the native :func:`mmr_ext.native.patch_linear_rows` (units with a zero slope skipped)."""
-    P = rep.P
-    Bp, C, H, Wd, Cin, Rh, Rw = P.shape
-    n = Bp if rep.mask is None else rep.mask.shape[0]
-    patches = P.reshape(Bp, C, H * Wd, Cin * Rh * Rw).expand(n, -1, -1, -1)
-    mask = None if rep.mask is None else rep.mask.reshape(n, C, H * Wd)
+    """Explicit rows of the map W [O, C*H*W] applied to patch rows (:meth:`Patches.linear_rows`)."""
+    n = rep.P.shape[0] if rep.mask is None else rep.mask.shape[0]
     d = math.prod(rep.in_shape)
     ledger.record(n, n * W.shape[0] * d)
-    rows = patch_linear_rows(patches, mask, W, (H, Wd), (Cin, Rh, Rw), rep.stride, rep.offset, rep.in_shape)
-    return Dense(rows, d)
+    return Dense(rep.linear_rows(W), d)
 
 
 def scale_step(rep, layer: nn.Module, state: "RowPass"):

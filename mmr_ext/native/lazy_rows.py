@@ -2,10 +2,27 @@
 with the native row-distance ops inside (docs/MATH.md §13)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
+
+_RECOMPUTING = threading.local()
+
+
+class recomputing:
+    """Marks a checkpoint's recomputation (``torch.utils.checkpoint``'s ``context_fn``; reusable,
+    as each backward recomputes): it only restores what the backward saved, so distances to rows
+    built on demand, which save nothing they compute, are not computed again (their recomputed
+    values are never read)."""
+
+    def __enter__(self):
+        self.previous = getattr(_RECOMPUTING, "active", False)
+        _RECOMPUTING.active = True
+
+    def __exit__(self, *exc):
+        _RECOMPUTING.active = self.previous
 
 
 class _LazyRowDistances(torch.autograd.Function):
@@ -14,29 +31,33 @@ class _LazyRowDistances(torch.autograd.Function):
     received a nonzero gradient (after a top-k selection, a small subset)."""
 
     @staticmethod
-    def forward(ctx, f, rows_fn, distances_fn, qs, chunk, *tensors):
+    def forward(ctx, f, rows_fn, distances_fn, whole_fn, qs, chunk, *tensors):
         B = f.shape[0]
+        ctx.save_for_backward(f, *tensors)
+        ctx.rows_fn, ctx.whole_fn, ctx.qs, ctx.chunk = rows_fn, whole_fn, qs, chunk
+        if getattr(_RECOMPUTING, "active", False):
+            return f.new_zeros((len(qs),) + tuple(f.shape))
         parts = []
         with torch.no_grad():
             for start in range(0, B, chunk):
                 samples = torch.arange(start, min(B, start + chunk), device=f.device)
                 f_chunk = f[start:start + chunk].contiguous()
                 parts.append(distances_fn(samples, f_chunk, qs, tensors))
-        ctx.save_for_backward(f, *tensors)
-        ctx.rows_fn, ctx.qs, ctx.chunk = rows_fn, qs, chunk
         return torch.cat(parts, dim=1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_dist):
         f, *tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad[5:]
+        need = ctx.needs_input_grad[6:]
         grads = [None] * len(tensors)
         grad_f = torch.zeros_like(f)
         pairs = (grad_dist != 0).any(dim=0).nonzero()  # [S, 2]: (sample, unit) with a gradient
         # rebuilt with autograd, a pair keeps about four row-sized intermediates alive: a quarter of
         # the forward's rows per pass keeps the backward's peak near the forward's
         step = max(1, ctx.chunk * f.shape[1] // 4)
+        if ctx.whole_fn is not None and pairs.shape[0] > step and ctx.whole_fn(*pairs.unbind(1)):
+            step = pairs.shape[0]
         for start in range(0, pairs.shape[0], step):
             b, u = pairs[start:start + step].unbind(1)
             with torch.enable_grad():
@@ -54,18 +75,21 @@ class _LazyRowDistances(torch.autograd.Function):
                 for i, g in zip(wanted, got):
                     if g is not None:
                         grads[i] = g if grads[i] is None else grads[i] + g
-        return (grad_f, None, None, None, None, *grads)
+        return (grad_f, None, None, None, None, None, *grads)
 
 
 def lazy_row_distances(f: torch.Tensor, rows_fn: Callable, distances_fn: Callable, tensors: Sequence[torch.Tensor],
-                       qs: Sequence[float], chunk: int) -> torch.Tensor:
+                       qs: Sequence[float], chunk: int, whole_fn: Optional[Callable] = None) -> torch.Tensor:
     """Unsigned distances ``|f| / ||row||_q`` [Q, B, R] to rows that are built on demand.
 
     The forward calls ``distances_fn(samples, f_chunk, qs, tensors)`` for the distances [Q, n, R]
     of all rows of ``chunk`` samples at a time, without autograd; the backward calls
     ``rows_fn(samples, units, tensors)`` for the rows [S, D] of the (sample, unit) pairs whose
-    distance got a gradient, with autograd. Both compute from ``tensors`` only, so that gradients
-    reach them. Peak memory: the rows of ``chunk`` samples. Differentiable once, in f and tensors.
+    distance got a gradient, with autograd, a quarter of ``chunk`` samples' rows at a time, or all
+    at once when ``whole_fn(samples, units)`` of all those pairs says so (rows whose rebuild costs
+    per sample rather than per pair). Both compute from ``tensors`` only, so that gradients reach
+    them. Peak memory: the rows of ``chunk`` samples (``whole_fn``: of the samples with a pair).
+    Differentiable once, in f and tensors.
     """
-    return _LazyRowDistances.apply(f.contiguous(), rows_fn, distances_fn, [float(q) for q in qs], int(chunk),
-                                   *tensors)
+    return _LazyRowDistances.apply(f.contiguous(), rows_fn, distances_fn, whole_fn, [float(q) for q in qs],
+                                   int(chunk), *tensors)

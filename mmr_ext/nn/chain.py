@@ -36,6 +36,10 @@ class AffineBlock:
             z = adapter_of(layer).linear(layer, z)
         return z
 
+    def key_layer(self) -> nn.Module:
+        """The block's fully connected or conv layer (its first layer when it has none)."""
+        return next((layer for layer in self.layers if adapter_of(layer).kind in ("linear", "conv")), self.layers[0])
+
 
 @dataclass(frozen=True)
 class Chain:

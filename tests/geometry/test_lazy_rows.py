@@ -1,7 +1,7 @@
-"""Rows of fully connected layers after convolutions, built on demand in reverse order or
-explicitly in forward order from the receptive-field rows: values and gradients against the
-reference for every chunk size and both orders, and a backward that rebuilds only the rows whose
-distance has a gradient."""
+"""Rows of fully connected layers after convolutions, built on demand (in reverse order, or with
+values in forward order from the receptive-field rows) or explicitly in forward order: values and
+gradients against the reference for every chunk size and order, and a backward that rebuilds only
+the rows whose distance has a gradient."""
 import math
 
 import pytest
@@ -32,17 +32,32 @@ def _model(name):
     return make_model(name)
 
 
-@pytest.fixture
-def reverse_order(monkeypatch):
-    """Every Linear after convolutions takes the reverse (on-demand) order."""
-    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e12)
+#: Orders of the first Linear after convolutions: (cost weight of the forward order, whether its
+#: rows are kept on demand, whether the backward rebuilds their pairs in forward order).
+ORDERS = {"reverse": (1e12, None, None), "explicit": (1e-12, False, None),
+          "on demand, pairs reversed": (1e-12, True, False), "on demand, pairs forward": (1e-12, True, True)}
 
 
-@pytest.fixture(params=["reverse", "patches"])
+def set_order(monkeypatch, name):
+    weight, on_demand, pairs_forward = ORDERS[name]
+    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", weight)
+    if on_demand is not None:
+        monkeypatch.setattr(steps, "on_demand_pays", lambda density, rep, trace, O: on_demand)
+    if pairs_forward is not None:
+        monkeypatch.setattr(reverse_rows.ReverseRows, "forward_pays", lambda self, samples, units: pairs_forward)
+
+
+@pytest.fixture(params=list(ORDERS))
 def either_order(request, monkeypatch):
-    """The first Linear after convolutions in reverse order, or by patch contraction (which forces
-    the conv rows before it to be built explicitly)."""
-    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e12 if request.param == "reverse" else 1e-12)
+    """The first Linear after convolutions in reverse order (on demand), explicit in forward order,
+    or on demand with values in forward order and the backward's pairs rebuilt in either order."""
+    set_order(monkeypatch, request.param)
+
+
+@pytest.fixture(params=[name for name in ORDERS if name != "explicit"])
+def on_demand_order(request, monkeypatch):
+    """The orders that keep the rows of the first Linear after convolutions on demand."""
+    set_order(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("name", ["cnn", "paper_cnn", "cnn_two_fc"])
@@ -58,12 +73,12 @@ def test_on_demand_rows_match_reference_values_and_gradients(either_order, name,
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-10, atol=1e-12)
 
 
-def test_on_demand_rows_gradcheck(reverse_order):
+def test_on_demand_rows_gradcheck(either_order):
     model, x = make_model("paper_cnn")
     assert gradcheck_distances(model, x[:3], 2, chunk_size=2)
 
 
-def test_backward_rebuilds_only_rows_with_a_gradient(reverse_order, monkeypatch):
+def test_backward_rebuilds_only_rows_with_a_gradient(on_demand_order, monkeypatch):
     model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (explicit), fc 10 (on demand)
     rebuilt = {}
 
@@ -83,7 +98,7 @@ def test_backward_rebuilds_only_rows_with_a_gradient(reverse_order, monkeypatch)
     assert rebuilt == {"ReverseRows": 2}
 
 
-def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(reverse_order):
+def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(either_order):
     model, x = make_model("paper_cnn")
     y = torch.tensor([0, 1, 2, 3, 4])
     results = []
@@ -98,7 +113,7 @@ def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(reverse_order)
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_no_grad_forward_of_on_demand_rows(reverse_order):
+def test_no_grad_forward_of_on_demand_rows(on_demand_order):
     model, x = make_model("paper_cnn")
     with torch.no_grad():
         b, d = mmr_ext.region_distances(model, x, 1, chunk_size=2)

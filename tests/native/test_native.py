@@ -130,7 +130,7 @@ def test_fast_path_matches_reference_float64(name, p):
 @pytest.mark.parametrize("weight", [0.0, math.inf])
 @pytest.mark.parametrize("name", ["cnn", "paper_cnn"])
 def test_patch_and_reverse_orders_agree_with_reference(monkeypatch, weight, name):
-    """Rows of a Linear after conv layers: forced patch contraction (weight 0) or reverse order (inf)."""
+    """Rows of a Linear after conv layers: values by patch contraction (weight 0) or reverse order (inf)."""
     monkeypatch.setattr(mmr_ext.geometry.steps, "PATCH_COST_WEIGHT", weight)
     model, x = make_model(name)
     for p in (1, 2.5, math.inf):

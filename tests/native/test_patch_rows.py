@@ -238,3 +238,25 @@ def test_patch_linear_rows_backward_with_rows_without_gradient():
     torch.testing.assert_close(got[0], expected[0].reshape(flat.shape), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-12)
     assert got[0][1].abs().max() == 0  # a sample without gradient gets none
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("kept", [0.0, 0.2, 0.7])
+def test_conv_patch_rows_backward_with_units_without_gradient(case, kept):
+    """Units whose incoming gradient is zero (most of them after a top-k selection) cost nothing in
+    the backward (few units of a position: a compacted loop; many: the plain one); the gradients
+    still equal the dense reference's."""
+    prev, mask, weight, args = conv_case(case)
+    prev.requires_grad_()
+    weight.requires_grad_()
+    out = native.conv_patch_rows(prev, mask, weight, *args)
+    g = torch.Generator().manual_seed(2)
+    keep = (torch.rand(out.shape[:4], generator=g, dtype=torch.float64) < kept).to(out.dtype)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64) * keep[..., None, None, None]
+    got = torch.autograd.grad(out, [prev, weight], grad)
+    stride, offset = out_geometry(args)
+    expected_rows = conv_reference(prev, mask, weight, args)
+    dense_grad = unit_rows(grad, stride, offset, args[-1])
+    expected = torch.autograd.grad(expected_rows, [prev, weight], dense_grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

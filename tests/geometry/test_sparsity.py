@@ -1,0 +1,98 @@
+"""The gradient sparsity record and the plan it drives: each backward records, per layer, the
+fraction of (sample, unit) pairs whose distance got a gradient; the next pass keeps the rows of a
+Linear layer after convolutions on demand when that fraction is small, else explicit. Values and
+gradients never depend on the plan, and a checkpointed pass recomputes the graph it planned even
+when the record changes during its backward."""
+import math
+import unittest.mock as mock
+
+import pytest
+import torch
+
+import mmr_ext
+from mmr_ext.geometry import engine, steps
+from mmr_ext.geometry.sparsity import RECORD, SparsityRecord
+from mmr_ext.native import available
+from oracles import assert_distances_close, make_model
+
+pytestmark = pytest.mark.skipif(not available(), reason="compiled extension missing")
+
+FC_UNITS = slice(3 * 36 + 4 * 9, 3 * 36 + 4 * 9 + 10)  # paper_cnn: conv 3x6x6, conv 4x3x3, fc 10
+
+
+def fc_layer(model):
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def backward_with(model, x, weight):
+    b, _ = mmr_ext.region_distances(model, x, math.inf)
+    (b.nan_to_num(posinf=0.0) * weight).sum().backward()
+    return b
+
+
+def test_backward_records_the_fraction_of_pairs_with_a_gradient():
+    model, x = make_model("paper_cnn")
+    weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
+    weight[0, FC_UNITS.start + 1] = 1.0
+    weight[3, FC_UNITS.start + 4] = 2.0
+    weight[3, FC_UNITS.start + 5] = -1.0
+    backward_with(model, x, weight)
+    assert RECORD.snapshot()[fc_layer(model)] == pytest.approx(3 / 50)
+
+
+def test_a_layer_that_is_gone_leaves_the_record():
+    record = SparsityRecord()
+    model, x = make_model("paper_cnn")
+    d = torch.ones(1, 5, 10, dtype=x.dtype, requires_grad=True)
+    record.watch(fc_layer(model), d * 2)
+    del model
+    assert record.snapshot() == {}
+
+
+@pytest.mark.parametrize("fc_gradient,on_demand", [(0.0, True), (1.0, False)])
+def test_the_next_pass_plans_from_the_record(monkeypatch, fc_gradient, on_demand):
+    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)  # the forward order is cheaper
+    model, x = make_model("paper_cnn")
+    weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
+    weight[:, :FC_UNITS.start] = 1.0
+    weight[:, FC_UNITS] = fc_gradient
+    backward_with(model, x, weight)  # records the fc layer's density: 0 or 1
+    explicit = []
+    original = steps.patches_to_dense
+    monkeypatch.setattr(steps, "patches_to_dense", lambda *a: explicit.append(1) or original(*a))
+    for p in (1, math.inf):
+        b, d = mmr_ext.region_distances(model, x, p)
+        rb, rd = mmr_ext.region_distances_reference(model, x, p)
+        assert_distances_close(b, rb, 1e-10)
+        assert_distances_close(d, rd, 1e-10)
+    assert bool(explicit) != on_demand
+
+
+def test_a_checkpointed_pass_recomputes_the_graph_it_planned(monkeypatch):
+    """Planned on demand (the fc rows got no gradient last time), the backward of the loss's last
+    chunk records a dense fc layer before the earlier chunks are recomputed: the recomputations
+    still follow the plan, and the gradients equal the reference's."""
+    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)
+    planned = []
+    original = steps.on_demand_pays
+    monkeypatch.setattr(steps, "on_demand_pays", lambda *a: planned.append(original(*a)) or planned[-1])
+    model, x = make_model("paper_cnn")
+    y = torch.tensor([0, 1, 2, 3, 4])
+    weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
+    weight[:, 0] = 1.0
+    backward_with(model, x, weight)
+    assert RECORD.snapshot()[fc_layer(model)] == 0.0
+    planned.clear()
+    grads = []
+    for native in (True, False):
+        model.zero_grad()
+        with mock.patch.object(engine, "native_or_warn", lambda: native):
+            loss = mmr_ext.universal_loss(model, x, y, k_boundary=0.5, gamma=(1.0, 0.15), lam=(3.0, 12.0),
+                                          chunk_size=2)
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if native:
+            assert RECORD.snapshot()[fc_layer(model)] > 0.0
+    assert planned and all(planned)  # every pass and recomputation: on demand
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
