@@ -8,7 +8,8 @@ sums of average pooling extend patches with :func:`pool_patches`.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..native import conv_patch_rows
 from .memory import ExplicitRows
-from .representations import KernelPatches, Patches, Unsupported
+from .representations import KernelPatches, Patches, Unsupported, take_samples, window_inside
 
 
 def overlap_add(Y: torch.Tensor, step: Tuple[int, int]) -> torch.Tensor:
@@ -43,6 +44,7 @@ def pool_patches(rep: Patches, kernel: Tuple[int, int], stride, padding, ledger:
     """Rows of the window sums of a pooling layer (every channel on its own) applied to patch rows:
     the kh x kw shifted copies of each channel's patches overlap-add into the new, larger patch;
     the size of the explicit intermediate goes to ``ledger``."""
+    ledger.keep(rep)
     rep = rep.settled()
     P = rep.P
     Bp, C, H, W, Cin, Rh, Rw = P.shape
@@ -96,14 +98,83 @@ def conv_kernel(rep: KernelPatches, w, stride, padding, dilation) -> KernelPatch
 def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitRows) -> Patches:
     """Rows of a conv (weight [O, C, kh, kw]) applied to patch or masked kernel rows, built on their
     receptive fields by the native :func:`mmr_ext.native.conv_patch_rows` (the pending mask of
-    ``rep`` included); the size of the result goes to ``ledger``."""
-    if isinstance(rep, KernelPatches):  # one shared kernel per channel: a stride-0 view over the grid
-        prev = rep.K[None, :, None, None].expand(1, -1, *rep.grid, -1, -1, -1)
-    else:
-        prev = rep.P
+    ``rep`` included); the size of the result goes to ``ledger``. On kernel rows the result carries
+    a :class:`KernelConvRows` recipe: until a layer differentiates through the rows, they are
+    transient (the backward rebuilds what it needs from the recipe)."""
+    if isinstance(rep, KernelPatches):
+        recipe = KernelConvRows(rep, w, tuple(stride), tuple(padding), tuple(dilation))
+        P = recipe.rows(None, recipe.tensors())
+        ledger.record(P.shape[0], P.numel(), kept=False)
+        return Patches(P, *windows_after(rep, stride, padding), rep.in_shape, recipe=recipe)
+    ledger.keep(rep)
+    P = patch_conv(rep.P, rep.mask, w, stride, padding, dilation, rep)
+    ledger.record(P.shape[0], P.numel())
+    return Patches(P, *windows_after(rep, stride, padding), rep.in_shape)
+
+
+def patch_conv(prev: torch.Tensor, mask, w: torch.Tensor, stride, padding, dilation, rep) -> torch.Tensor:
     grid = conv_output_grid(prev.shape[2:4], tuple(w.shape[-2:]), stride, padding, dilation)
     if min(grid) <= 0:
         raise Unsupported("empty conv output")
-    P = conv_patch_rows(prev, rep.mask, w, stride, padding, dilation, rep.stride, rep.offset, rep.in_shape)
-    ledger.record(P.shape[0], P.numel())
-    return Patches(P, *windows_after(rep, stride, padding), rep.in_shape)
+    return conv_patch_rows(prev, mask, w, stride, padding, dilation, rep.stride, rep.offset, rep.in_shape)
+
+
+@dataclass
+class KernelConvRows:
+    """Rows of a conv (weight [O, C, kh, kw]) applied to masked kernel rows (the second conv of a
+    network), rebuilt with autograd from the weight and the kernels: all rows of some samples by the
+    native op, or chosen (sample, unit) pairs directly, each from its in-grid taps: the conv's
+    weights of the unit times the taps' slopes, times the taps' kernels placed in the unit's window
+    (C*kh*kw*(1 + E) multiply-adds per pair, E = the window's entries; docs/MATH.md §13.2)."""
+
+    prev: KernelPatches
+    weight: torch.Tensor
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.weight, self.prev.K]
+
+    def rows(self, samples: Optional[torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All rows [n, O, H, W, Cin, Rh, Rw] of ``samples`` (None: the whole batch)."""
+        w, K = tensors
+        prev = K[None, :, None, None].expand(1, -1, *self.prev.grid, -1, -1, -1)  # stride 0 over the grid
+        mask = self.prev.mask
+        if mask is not None and samples is not None:
+            mask = take_samples(mask, samples)
+        return patch_conv(prev, mask, w, self.stride, self.padding, self.dilation, self.prev)
+
+    def pair_elements(self) -> int:
+        """Elements of the intermediates of one pair's rebuild."""
+        C, Cin, Rh, Rw = self.prev.K.shape
+        kh, kw = self.weight.shape[-2:]
+        return C * kh * kw + Cin * self.window()[0] * self.window()[1]
+
+    def window(self) -> Tuple[int, int]:
+        kh, kw = self.weight.shape[-2:]
+        Rh, Rw = self.prev.K.shape[-2:]
+        return ((kh - 1) * self.dilation[0] * self.prev.stride[0] + Rh,
+                (kw - 1) * self.dilation[1] * self.prev.stride[1] + Rw)
+
+    def pair_rows(self, samples: torch.Tensor, units: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The rows [S, Cin*Rh*Rw] (on the units' windows) of the pairs (samples[i], units[i])."""
+        w, K = tensors
+        C, Cin, Rh, Rw = K.shape
+        O, _, kh, kw = w.shape
+        R2h, R2w = self.window()
+        sy, sx = (self.dilation[0] * self.prev.stride[0], self.dilation[1] * self.prev.stride[1])
+        placed = torch.stack([F.pad(K, (j * sx, R2w - Rw - j * sx, i * sy, R2h - Rh - i * sy))
+                              for i in range(kh) for j in range(kw)], dim=1)  # [C, kh*kw, Cin, R2h, R2w]
+        grid = conv_output_grid(self.prev.grid, (kh, kw), self.stride, self.padding, self.dilation)
+        L = grid[0] * grid[1]
+        mask = self.prev.mask
+        if mask is None:
+            mask = K.new_ones((1, C) + tuple(self.prev.grid))
+        taps = F.unfold(mask, (kh, kw), dilation=self.dilation, padding=self.padding, stride=self.stride)
+        o, pos = units // L, units % L
+        slopes = taps[samples if mask.shape[0] > 1 else torch.zeros_like(samples), :, pos]  # [S, C*kh*kw]
+        rows = (w.reshape(O, -1)[o] * slopes) @ placed.reshape(C * kh * kw, -1)
+        stride, offset = windows_after(self.prev, self.stride, self.padding)
+        inside = window_inside(grid, (R2h, R2w), stride, offset, self.prev.in_shape, rows).reshape(L, 1, R2h * R2w)
+        return (rows.reshape(-1, Cin, R2h * R2w) * inside[pos]).reshape(rows.shape[0], -1)

@@ -19,7 +19,7 @@ from ..native import lazy_row_distances, native_or_warn, recomputing, row_distan
 from ..nn.chain import Chain, activation_mask, parse_model
 from .memory import MemoryBudget
 from .reference import decision_geometry, reference_geometry
-from .representations import Dense, Unsupported, identity_rows
+from .representations import Dense, Patches, Unsupported, identity_rows, take_samples
 from .sparsity import RECORD
 from .steps import ON_DEMAND, RowPass, apply_block, mask_rows, to_dense
 
@@ -42,17 +42,17 @@ def _walk(chain: Chain, x: torch.Tensor, state: RowPass, on_hidden: Callable) ->
         # channels-last like the feature-map rows of the reverse walk: gathers keep the layout
         state.trace.append(mask.contiguous(memory_format=torch.channels_last) if mask.dim() == 4 else mask)
     rep, logits = apply_block(rep, chain.logits_block, g, state)
-    return layers, to_dense(rep, state.ledger), logits.reshape(B, -1)
+    return layers, to_dense(rep, state), logits.reshape(B, -1)
 
 
-def explicit_elements_per_sample(chain: Chain, x: torch.Tensor, sparsity: Optional[dict]) -> int:
-    """Elements per sample of the largest explicit intermediate of a pass (0: none). These sizes
-    depend on the shapes and the plan only, so a pass over two samples that builds no distances
-    measures them."""
+def explicit_elements_per_sample(chain: Chain, x: torch.Tensor, sparsity: Optional[dict]) -> Tuple[int, int]:
+    """Elements per sample of the largest explicit intermediates of a pass that the backward keeps,
+    and of those alive during the pass only (0: none). These sizes depend on the shapes and the
+    plan only, so a pass over two samples that builds no distances measures them."""
     state = RowPass(sparsity=sparsity)
     with torch.no_grad():
         _walk(chain, x[:2], state, lambda f, rep: None)
-    return state.ledger.per_sample
+    return state.ledger.per_sample, state.ledger.transient
 
 
 def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
@@ -62,8 +62,10 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     B = x.shape[0]
 
     def hidden_distances(f_flat, rep):
-        # rows built on demand wait until it is known whether a later layer forces them
-        return (f_flat, rep) if isinstance(rep, ON_DEMAND) else row_distances(f_flat, rep.rows(), qs)[0]
+        # rows built on demand, and transient patch rows, wait until it is known whether a later
+        # layer forces them (or keeps them for the backward)
+        transient = isinstance(rep, Patches) and rep.recipe is not None
+        return (f_flat, rep) if isinstance(rep, ON_DEMAND) or transient else row_distances(f_flat, rep.rows(), qs)[0]
 
     layers, rows, logits = _walk(chain, x, RowPass(sparsity=sparsity), hidden_distances)
     check_labels(labels, B, logits.shape[1], x.device)
@@ -73,11 +75,7 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     boundary = []
     for layer, entry in layers:
         if isinstance(entry, tuple):
-            f_flat, lazy = entry
-            entry = lazy.forced_distances(f_flat, qs)  # a later layer needed the rows explicitly
-            if entry is None:
-                entry = lazy_row_distances(f_flat, lazy.rows_of, lazy.distances_of, lazy.tensors(), qs,
-                                           budget.lazy_chunk(lazy.elements_per_sample(), B), lazy.forward_pays)
+            entry = deferred_distances(*entry, qs, budget)
         RECORD.watch(layer, entry)
         boundary.append(entry)
     out = []
@@ -87,6 +85,27 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     return out, logits
 
 
+def deferred_distances(f_flat: torch.Tensor, rep, qs: Sequence[float], budget: MemoryBudget) -> torch.Tensor:
+    """Distances [Q, B, n] to rows whose distances waited for the end of the pass: explicit when a
+    later layer forced (or kept) them, else built on demand (:func:`mmr_ext.native.lazy_row_distances`)."""
+    B = f_flat.shape[0]
+    if isinstance(rep, Patches):
+        if rep.cache.get("kept"):
+            return row_distances(f_flat, rep.rows(), qs)[0]
+        recipe, P = rep.recipe, rep.P.detach()
+
+        def distances_of(samples, f, qs, tensors):
+            rows = take_samples(P, samples)
+            return row_distances(f, rows.reshape(rows.shape[0], f.shape[1], -1), qs)[0]
+        chunk = budget.lazy_chunk(f_flat.shape[1] * recipe.pair_elements(), B)
+        return lazy_row_distances(f_flat, recipe.pair_rows, distances_of, recipe.tensors(), qs, chunk)
+    forced = rep.forced_distances(f_flat, qs)  # a later layer needed the rows explicitly
+    if forced is not None:
+        return forced
+    return lazy_row_distances(f_flat, rep.rows_of, rep.distances_of, rep.tensors(), qs,
+                              budget.lazy_chunk(rep.elements_per_sample(), B), rep.forward_pays)
+
+
 def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
                       budget: MemoryBudget, sparsity: Optional[dict] = None) -> Geometry:
     """:func:`fast_geometry` of the whole batch, or, when its explicit rows (deep conv patches)
@@ -94,13 +113,15 @@ def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels
     rebuilt in the backward, distances to rows built on demand are not), so that one chunk's rows
     are alive at a time."""
     B = x.shape[0]
-    n = budget.samples_per_pass(explicit_elements_per_sample(chain, x, sparsity), B) if B > 1 else B
+    kept, transient = explicit_elements_per_sample(chain, x, sparsity) if B > 1 else (0, 0)
+    n = budget.samples_per_pass(max(kept, transient), B) if B > 1 else B
     if n >= B:
         return fast_geometry(chain, x, qs, labels, budget, sparsity)
+    checkpointed = budget.samples_per_pass(kept, B) < B  # else only transient rows break the budget
     parts = []
     for start in range(0, B, n):
         args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], budget, sparsity)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and checkpointed:
             parts.append(checkpoint(fast_geometry, *args, use_reentrant=False,
                                     context_fn=lambda: (nullcontext(), recomputing())))
         else:

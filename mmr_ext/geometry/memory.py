@@ -1,10 +1,11 @@
 """The memory budget of a geometry pass, as an explicit value (docs/MATH.md §13).
 
 Two kinds of rows can be large: rows built on demand (never stored whole; built ``lazy_chunk``
-samples at a time) and explicit patch rows of deep convolutions (stored for the whole pass). A
-pass records the size of its explicit intermediates in an :class:`ExplicitRows` ledger; the plan
+samples at a time) and explicit patch rows of convolutions (stored for the whole pass; kept for the
+backward when a layer differentiates through them, else transient). A pass records the size of
+its explicit intermediates in an :class:`ExplicitRows` ledger; the plan
 (:meth:`MemoryBudget.samples_per_pass`) is computed from those sizes, which depend on the shapes
-only, before the real pass runs.
+and the plan of the rows only, before the real pass runs.
 """
 from __future__ import annotations
 
@@ -45,11 +46,20 @@ class MemoryBudget:
 
 @dataclass
 class ExplicitRows:
-    """Ledger of a pass: the largest explicit per-sample intermediate it built (elements)."""
+    """Ledger of a pass: the largest explicit per-sample intermediates it built (elements), those
+    that the backward keeps (``per_sample``) and those alive during the pass only (``transient``)."""
 
     per_sample: int = 0
+    transient: int = 0
 
-    def record(self, Bp: int, elements: int) -> None:
+    def record(self, Bp: int, elements: int, kept: bool = True) -> None:
         """An intermediate of ``elements`` elements over ``Bp`` samples (Bp = 1: shared rows)."""
-        if Bp > 1:
+        if Bp > 1 and kept:
             self.per_sample = max(self.per_sample, elements // Bp)
+        elif Bp > 1:
+            self.transient = max(self.transient, elements // Bp)
+
+    def keep(self, rep) -> None:
+        """A layer differentiates through the patch rows ``rep``: the backward keeps them."""
+        rep.cache["kept"] = True
+        self.record(rep.P.shape[0], rep.P.numel())

@@ -10,7 +10,7 @@ Representations built on demand live in :mod:`.conv_rows` and :mod:`.reverse_row
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 import math
@@ -46,13 +46,17 @@ class Patches:
     in_shape: Tuple[int, int, int]  # (Cin, Hin, Win)
     flat: bool = False  # set by Flatten: the next Linear reads units in (C, H, W) order
     mask: Optional[torch.Tensor] = None  # [B, C, H, W] per-unit scales not yet multiplied into P
+    #: how to rebuild the rows with autograd (all rows of some samples, or chosen pairs) when no
+    #: layer keeps P for the backward (:class:`mmr_ext.geometry.conv_rows.KernelConvRows`)
+    recipe: Optional[object] = None
+    cache: dict = field(default_factory=dict)  # shared by copies; "kept": a layer differentiates through P
 
     def settled(self) -> "Patches":
         """The same rows with the pending mask multiplied in (only when a layer reads them)."""
         if self.mask is None:
             return self
         B = self.mask.shape[0]
-        return replace(self, P=self.P * self.mask.reshape(B, *self.P.shape[1:4], 1, 1, 1), mask=None)
+        return replace(self, P=self.P * self.mask.reshape(B, *self.P.shape[1:4], 1, 1, 1), mask=None, recipe=None)
 
     def rows(self) -> torch.Tensor:
         P = self.settled().P

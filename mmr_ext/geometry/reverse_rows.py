@@ -46,15 +46,30 @@ class ReverseRows:
 
     def tensors(self) -> List[torch.Tensor]:
         """The tensors the rows depend on, in the order :meth:`rows_of` takes them."""
-        basis = [] if self.basis is None else [self.basis.P]
-        return [self.weight] + [w for w in self.weights if w is not None] + basis
+        return [self.weight] + [w for w in self.weights if w is not None] + self._basis_tensors()
+
+    def _basis_tensors(self) -> List[torch.Tensor]:
+        if self.basis is None:
+            return []
+        return [self.basis.P] if self.basis.recipe is None else self.basis.recipe.tensors()
 
     def _unpack(self, tensors: Optional[Sequence[torch.Tensor]]):
+        """(W, the trace's weights, the basis's tensors) from :meth:`tensors`' list."""
         if tensors is None:
-            return self.weight, self.weights, self.basis
+            return self.weight, self.weights, self._basis_tensors()
         rest = iter(tensors[1:])
         weights = [None if w is None else next(rest) for w in self.weights]
-        return tensors[0], weights, None if self.basis is None else replace(self.basis, P=next(rest))
+        return tensors[0], weights, list(rest)
+
+    def _basis_of(self, samples: torch.Tensor, tensors: Sequence[torch.Tensor]) -> Patches:
+        """The basis's rows of ``samples``, differentiable in its tensors (rebuilt from its recipe
+        when the pass did not keep them)."""
+        basis = self.basis
+        mask = None if basis.mask is None else take_samples(basis.mask, samples)
+        if basis.recipe is not None:
+            return replace(basis, P=basis.recipe.rows(samples, tensors), mask=mask, recipe=None)
+        P = tensors[0]
+        return replace(basis, P=P if P.shape[0] == 1 else take_samples(P, samples), mask=mask)
 
     def forward_pays(self, samples: torch.Tensor, units: torch.Tensor) -> bool:
         """Whether building all rows of the distinct samples in forward order from the basis costs
@@ -68,12 +83,12 @@ class ReverseRows:
                 tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
         """All rows [len(samples) or 1, O, d] (samples None: the whole batch), or with ``units``
         the rows [S, d] of the pairs (samples[i], units[i]); ``tensors`` replace :meth:`tensors`."""
-        W, weights, basis = self._unpack(tensors)
-        if basis is not None and units is None:
-            return basis.linear_rows(W, samples)
+        W, weights, basis_tensors = self._unpack(tensors)
+        if self.basis is not None and units is None:
+            return self.basis.linear_rows(W, samples)
         if units is not None and self.forward_pays(samples, units):
             distinct, inverse = torch.unique(samples, return_inverse=True)
-            return basis.linear_rows(W, distinct)[inverse, units]
+            return self._basis_of(distinct, basis_tensors).linear_rows(W)[inverse, units]
         out = reverse_walk(W[None] if units is None else W[units][:, None], self.trace, weights, samples)
         out = out.reshape(out.shape[0], out.shape[1], -1)
         return out if units is None else out[:, 0]

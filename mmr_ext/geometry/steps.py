@@ -106,7 +106,7 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
     O = W.shape[0]
     if isinstance(rep, ReverseRows):
         if rep.basis is not None and rep.forced_macs() + O * rep.weight.shape[0] * rep.d <= reverse_macs(trace, O):
-            return linear_step(rep.force(), layer, state)  # cheaper from the explicit rows
+            return linear_step(force(rep, state), layer, state)  # cheaper from the explicit rows
         return ReverseRows.of(layer, trace, rep.in_shape)  # stay in reverse order: needs no rows of rep
     if isinstance(rep, Dense):
         if rep.V is None and rep.mask is None:
@@ -167,6 +167,7 @@ def crop_canvas(canvas: torch.Tensor, offset, in_shape, Bp: int, O: int) -> Dens
 
 def patches_to_dense(rep: Patches, W: torch.Tensor, ledger: ExplicitRows) -> Dense:
     """Explicit rows of the map W [O, C*H*W] applied to patch rows (:meth:`Patches.linear_rows`)."""
+    ledger.keep(rep)
     n = rep.P.shape[0] if rep.mask is None else rep.mask.shape[0]
     d = math.prod(rep.in_shape)
     ledger.record(n, n * W.shape[0] * d)
@@ -176,6 +177,8 @@ def patches_to_dense(rep: Patches, W: torch.Tensor, ledger: ExplicitRows) -> Den
 def scale_step(rep, layer: nn.Module, state: "RowPass"):
     if isinstance(layer, nn.BatchNorm1d) and not isinstance(rep, Dense):
         raise Unsupported("BatchNorm1d on feature maps")
+    if isinstance(rep, Patches):
+        state.ledger.keep(rep)
     return scale_units(rep, adapter_of(layer).transpose_weight(layer))
 
 
@@ -187,7 +190,7 @@ def apply_layer(rep, layer: nn.Module, state: "RowPass"):
     """Rows after one affine layer, by the layer's kind (:mod:`mmr_ext.nn.adapters`)."""
     kind = adapter_of(layer).kind
     if isinstance(rep, ON_DEMAND) and kind not in ("linear", "flatten"):
-        rep = rep.force()
+        rep = force(rep, state)
     return STEPS[kind](rep, layer, state)
 
 
@@ -217,9 +220,17 @@ def mask_rows(rep, mask: torch.Tensor):
     return Dense(rep.materialize().V * mask.reshape(B, -1, 1), rep.d)
 
 
-def to_dense(rep, ledger: ExplicitRows) -> Dense:
+def force(rep, state: "RowPass") -> Dense:
+    """The explicit rows of a representation built on demand (its basis then kept for the backward)."""
+    if rep.basis is not None:
+        state.ledger.keep(rep.basis)
+    return rep.force()
+
+
+def to_dense(rep, state: "RowPass") -> Dense:
+    ledger = state.ledger
     if isinstance(rep, ON_DEMAND):
-        rep = rep.force()
+        rep = force(rep, state)
     if isinstance(rep, Dense):
         return rep.materialize()
     if isinstance(rep, KernelPatches):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import mmr_ext
-from mmr_ext.geometry import MemoryBudget, compute_geometry, engine, reverse_rows, steps
+from mmr_ext.geometry import MemoryBudget, compute_geometry, conv_rows, engine, reverse_rows, steps
 from mmr_ext.native import available
 from oracles import (NORMS, assert_distances_close, distances_and_grads, gradcheck_distances, make_model,
                       randomize_batchnorm)
@@ -79,23 +79,28 @@ def test_on_demand_rows_gradcheck(either_order):
 
 
 def test_backward_rebuilds_only_rows_with_a_gradient(on_demand_order, monkeypatch):
-    model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (explicit), fc 10 (on demand)
+    model, x = make_model("paper_cnn")  # conv 3x6x6, conv 4x3x3 (transient), fc 10 (on demand)
     rebuilt = {}
 
     def spy(self, samples, units, tensors=None, _original=reverse_rows.ReverseRows.rows_of):
         if units is not None:
-            rebuilt["ReverseRows"] = rebuilt.get("ReverseRows", 0) + units.numel()
+            rebuilt["fc"] = rebuilt.get("fc", 0) + units.numel()
+        return _original(self, samples, units, tensors)
+
+    def conv_spy(self, samples, units, tensors, _original=conv_rows.KernelConvRows.pair_rows):
+        rebuilt["conv"] = rebuilt.get("conv", 0) + units.numel()
         return _original(self, samples, units, tensors)
     monkeypatch.setattr(reverse_rows.ReverseRows, "rows_of", spy)
+    monkeypatch.setattr(conv_rows.KernelConvRows, "pair_rows", conv_spy)
     b, _ = mmr_ext.region_distances(model, x, math.inf)
     assert b.shape[1] == 3 * 36 + 4 * 9 + 10
     weight = torch.zeros_like(b)
-    weight[0, 108 + 5] = 1.0  # second conv: explicit rows, nothing to rebuild
+    weight[0, 108 + 5] = 1.0  # second conv: its rows were not kept, one pair rebuilt
     weight[1, 108 + 36 + 3] = 1.0  # fc
     weight[2, 108 + 36 + 7] = 2.0
     weight[4, 0] = 1.0  # first conv: shared rows, nothing to rebuild
     (b.nan_to_num(posinf=0.0) * weight).sum().backward()
-    assert rebuilt == {"ReverseRows": 2}
+    assert rebuilt == {"fc": 2, "conv": 1}
 
 
 def test_universal_loss_and_gradients_do_not_depend_on_chunk_size(either_order):
