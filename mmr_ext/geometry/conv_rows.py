@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import conv_patch_rows
+from ..native import conv_patch_rows, is_recomputing
 from .memory import ExplicitRows
 from .representations import KernelPatches, Patches, Unsupported, take_samples, window_inside
 
@@ -95,15 +95,21 @@ def conv_kernel(rep: KernelPatches, w, stride, padding, dilation) -> KernelPatch
     return KernelPatches(K, grid, *windows_after(rep, stride, padding), rep.in_shape, None, False)
 
 
-def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitRows) -> Patches:
+def conv_rows(rep, w: torch.Tensor, stride, padding, dilation, ledger: ExplicitRows, transient: bool = False) -> Patches:
     """Rows of a conv (weight [O, C, kh, kw]) applied to patch or masked kernel rows, built on their
     receptive fields by the native :func:`mmr_ext.native.conv_patch_rows` (the pending mask of
     ``rep`` included); the size of the result goes to ``ledger``. On kernel rows the result carries
     a :class:`KernelConvRows` recipe: until a layer differentiates through the rows, they are
-    transient (the backward rebuilds what it needs from the recipe)."""
+    transient (the backward rebuilds what it needs from the recipe). ``transient``: the pass's plan
+    says no layer will keep them: they are built without autograd, and left uninitialised in a
+    checkpoint's recomputation, which reads no values of transient rows."""
     if isinstance(rep, KernelPatches):
         recipe = KernelConvRows(rep, w, tuple(stride), tuple(padding), tuple(dilation))
-        P = recipe.rows(None, recipe.tensors())
+        if transient:
+            with torch.no_grad():
+                P = recipe.empty() if is_recomputing() else recipe.rows(None, recipe.tensors())
+        else:
+            P = recipe.rows(None, recipe.tensors())
         ledger.record(P.shape[0], P.numel(), kept=False)
         return Patches(P, *windows_after(rep, stride, padding), rep.in_shape, recipe=recipe)
     ledger.keep(rep)
@@ -144,6 +150,17 @@ class KernelConvRows:
         if mask is not None and samples is not None:
             mask = take_samples(mask, samples)
         return patch_conv(prev, mask, w, self.stride, self.padding, self.dilation, self.prev)
+
+    def empty_shape(self) -> Tuple[int, ...]:
+        """The shape of :meth:`rows` of the whole batch."""
+        Cin = self.prev.K.shape[1]
+        grid = conv_output_grid(self.prev.grid, tuple(self.weight.shape[-2:]), self.stride, self.padding, self.dilation)
+        n = 1 if self.prev.mask is None else self.prev.mask.shape[0]
+        return (n, self.weight.shape[0]) + tuple(grid) + (Cin,) + self.window()
+
+    def empty(self) -> torch.Tensor:
+        """An uninitialised tensor of the shape of :meth:`rows` of the whole batch."""
+        return self.prev.K.new_empty(self.empty_shape())
 
     def pair_elements(self) -> int:
         """Elements of the intermediates of one pair's rebuild."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,47 +28,63 @@ Geometry = Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 
 
 def _walk(chain: Chain, x: torch.Tensor, state: RowPass, on_hidden: Callable) -> Tuple[list, Dense, torch.Tensor]:
-    """Builds the rows layer by layer: ``on_hidden(f_flat, rep)`` of every hidden layer (in
+    """Builds the rows layer by layer: ``on_hidden(index, f_flat, rep)`` of every hidden layer (in
     order; a pair with the block's key layer), the explicit rows of the logits and the logits [B, K]."""
     B = x.shape[0]
     rep = identity_rows(x)
     g = x
     layers = []
-    for block, slope in chain.hidden:
+    for index, (block, slope) in enumerate(chain.hidden):
+        state.index = index
         rep, f = apply_block(rep, block, g, state)
-        layers.append((block.key_layer(), on_hidden(f.reshape(B, -1), rep)))
+        layers.append((block.key_layer(), on_hidden(index, f.reshape(B, -1), rep)))
         mask = activation_mask(f.detach(), slope)
         g = f * mask
         rep = mask_rows(rep, mask)
         # channels-last like the feature-map rows of the reverse walk: gathers keep the layout
         state.trace.append(mask.contiguous(memory_format=torch.channels_last) if mask.dim() == 4 else mask)
+    state.index = len(layers)
     rep, logits = apply_block(rep, chain.logits_block, g, state)
     return layers, to_dense(rep, state), logits.reshape(B, -1)
 
 
-def explicit_elements_per_sample(chain: Chain, x: torch.Tensor, sparsity: Optional[dict]) -> Tuple[int, int]:
-    """Elements per sample of the largest explicit intermediates of a pass that the backward keeps,
-    and of those alive during the pass only (0: none). These sizes depend on the shapes and the
-    plan only, so a pass over two samples that builds no distances measures them."""
-    state = RowPass(sparsity=sparsity)
-    with torch.no_grad():
-        _walk(chain, x[:2], state, lambda f, rep: None)
-    return state.ledger.per_sample, state.ledger.transient
+@dataclass(frozen=True)
+class PassPlan:
+    """How a pass builds its rows, fixed before it runs: the gradient densities it plans from
+    (:mod:`.sparsity`), and, measured by a pass over two samples that builds no distances (these
+    depend on the shapes and the densities only), the elements per sample of its largest explicit
+    intermediates that the backward keeps and of those alive during the pass only, and per hidden
+    layer whether a later layer keeps its patch rows (else they are transient; not measured: all
+    explicit)."""
+
+    sparsity: Optional[dict] = None
+    kept_elements: int = 0
+    transient_elements: int = 0
+    kept_rows: Tuple[bool, ...] = ()
+
+    @staticmethod
+    def measure(chain: Chain, x: torch.Tensor, sparsity: Optional[dict]) -> "PassPlan":
+        state = RowPass(sparsity=sparsity)
+        with torch.no_grad():
+            layers = _walk(chain, x[:2], state, lambda index, f, rep: rep)[0]
+        kept = tuple(isinstance(rep, Patches) and bool(rep.cache.get("kept")) for _, rep in layers)
+        return PassPlan(sparsity, state.ledger.per_sample, state.ledger.transient, kept)
 
 
 def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
-                  budget: MemoryBudget, sparsity: Optional[dict] = None) -> Geometry:
+                  budget: MemoryBudget, plan: PassPlan) -> Geometry:
     """(boundary, decision) for every dual exponent in qs, and the logits; rows are built once,
-    as planned from ``sparsity`` (:mod:`.sparsity`), whose record the backward updates."""
+    as ``plan`` says (its gradient densities the backward updates in the record)."""
     B = x.shape[0]
 
-    def hidden_distances(f_flat, rep):
-        # rows built on demand, and transient patch rows, wait until it is known whether a later
-        # layer forces them (or keeps them for the backward)
-        transient = isinstance(rep, Patches) and rep.recipe is not None
-        return (f_flat, rep) if isinstance(rep, ON_DEMAND) or transient else row_distances(f_flat, rep.rows(), qs)[0]
+    def hidden_distances(index, f_flat, rep):
+        if isinstance(rep, ON_DEMAND):  # waits until it is known whether a later layer forces them
+            return f_flat, rep
+        if isinstance(rep, Patches) and rep.recipe is not None and plan.kept_rows and not plan.kept_rows[index]:
+            return transient_distances(f_flat, rep, qs, budget)
+        return row_distances(f_flat, rep.rows(), qs)[0]
 
-    layers, rows, logits = _walk(chain, x, RowPass(sparsity=sparsity), hidden_distances)
+    layers, rows, logits = _walk(chain, x, RowPass(sparsity=plan.sparsity, kept_rows=plan.kept_rows), hidden_distances)
     check_labels(labels, B, logits.shape[1], x.device)
     V = rows.V.expand(B, -1, -1) if rows.V.shape[0] == 1 else rows.V
     c, margin, diff = decision_geometry(logits, V.transpose(1, 2), labels)
@@ -75,7 +92,7 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     boundary = []
     for layer, entry in layers:
         if isinstance(entry, tuple):
-            entry = deferred_distances(*entry, qs, budget)
+            entry = on_demand_distances(*entry, qs, budget)
         RECORD.watch(layer, entry)
         boundary.append(entry)
     out = []
@@ -85,25 +102,26 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     return out, logits
 
 
-def deferred_distances(f_flat: torch.Tensor, rep, qs: Sequence[float], budget: MemoryBudget) -> torch.Tensor:
-    """Distances [Q, B, n] to rows whose distances waited for the end of the pass: explicit when a
-    later layer forced (or kept) them, else built on demand (:func:`mmr_ext.native.lazy_row_distances`)."""
-    B = f_flat.shape[0]
-    if isinstance(rep, Patches):
-        if rep.cache.get("kept"):
-            return row_distances(f_flat, rep.rows(), qs)[0]
-        recipe, P = rep.recipe, rep.P.detach()
+def transient_distances(f_flat: torch.Tensor, rep: Patches, qs: Sequence[float], budget: MemoryBudget) -> torch.Tensor:
+    """Distances [Q, B, n] to patch rows that no layer keeps: from the explicit rows, but the
+    backward rebuilds the pairs it needs from the rows' recipe (:func:`mmr_ext.native.lazy_row_distances`)."""
+    recipe, P = rep.recipe, rep.P.detach()
 
-        def distances_of(samples, f, qs, tensors):
-            rows = take_samples(P, samples)
-            return row_distances(f, rows.reshape(rows.shape[0], f.shape[1], -1), qs)[0]
-        chunk = budget.lazy_chunk(f_flat.shape[1] * recipe.pair_elements(), B)
-        return lazy_row_distances(f_flat, recipe.pair_rows, distances_of, recipe.tensors(), qs, chunk)
-    forced = rep.forced_distances(f_flat, qs)  # a later layer needed the rows explicitly
+    def distances_of(samples, f, qs, tensors):
+        rows = take_samples(P, samples)
+        return row_distances(f, rows.reshape(rows.shape[0], f.shape[1], -1), qs)[0]
+    chunk = budget.lazy_chunk(f_flat.shape[1] * recipe.pair_elements(), f_flat.shape[0])
+    return lazy_row_distances(f_flat, recipe.pair_rows, distances_of, recipe.tensors(), qs, chunk)
+
+
+def on_demand_distances(f_flat: torch.Tensor, rep, qs: Sequence[float], budget: MemoryBudget) -> torch.Tensor:
+    """Distances [Q, B, n] to rows built on demand: explicit when a later layer forced them."""
+    forced = rep.forced_distances(f_flat, qs)
     if forced is not None:
         return forced
-    return lazy_row_distances(f_flat, rep.rows_of, rep.distances_of, rep.tensors(), qs,
-                              budget.lazy_chunk(rep.elements_per_sample(), B), rep.forward_pays)
+    rebuild = rep.for_backward()
+    return lazy_row_distances(f_flat, rebuild.rows_of, rep.distances_of, rep.tensors(), qs,
+                              budget.lazy_chunk(rep.elements_per_sample(), f_flat.shape[0]), rebuild.forward_pays)
 
 
 def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
@@ -113,14 +131,14 @@ def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels
     rebuilt in the backward, distances to rows built on demand are not), so that one chunk's rows
     are alive at a time."""
     B = x.shape[0]
-    kept, transient = explicit_elements_per_sample(chain, x, sparsity) if B > 1 else (0, 0)
-    n = budget.samples_per_pass(max(kept, transient), B) if B > 1 else B
+    plan = PassPlan.measure(chain, x, sparsity) if B > 1 else PassPlan(sparsity)
+    n = budget.samples_per_pass(max(plan.kept_elements, plan.transient_elements), B) if B > 1 else B
     if n >= B:
-        return fast_geometry(chain, x, qs, labels, budget, sparsity)
-    checkpointed = budget.samples_per_pass(kept, B) < B  # else only transient rows break the budget
+        return fast_geometry(chain, x, qs, labels, budget, plan)
+    checkpointed = budget.samples_per_pass(plan.kept_elements, B) < B  # else only transient rows break it
     parts = []
     for start in range(0, B, n):
-        args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], budget, sparsity)
+        args = (chain, x[start:start + n], qs, None if labels is None else labels[start:start + n], budget, plan)
         if torch.is_grad_enabled() and checkpointed:
             parts.append(checkpoint(fast_geometry, *args, use_reentrant=False,
                                     context_fn=lambda: (nullcontext(), recomputing())))

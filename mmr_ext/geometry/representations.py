@@ -79,7 +79,12 @@ class Patches:
 
     def linear_macs(self, O: int) -> float:
         """Multiply-adds of :meth:`linear_rows` for one sample (upper bound: every unit active)."""
-        return float(O * math.prod(self.P.shape[1:]))
+        shape = self.P.shape if self.P is not None else self.recipe.empty_shape()
+        return float(O * math.prod(shape[1:]))
+
+    def without_values(self) -> "Patches":
+        """The same rows for a backward that rebuilds them from their recipe: P is not held."""
+        return replace(self, P=None) if self.recipe is not None else self
 
 
 @dataclass

@@ -115,15 +115,24 @@ class ReverseRows:
                                             pair(conv.dilation), conv_in, qs)
 
     def elements_per_sample(self) -> int:
-        """Elements of the largest intermediate per sample when building all rows."""
-        if self.basis is not None:
-            return self.weight.shape[0] * self.d
+        """Elements of the largest intermediate per sample when building all rows (in reverse order,
+        as the backward may, even when the forward builds them from the basis)."""
         widest = max([math.prod(e[1]) for e in self.trace if not isinstance(e, torch.Tensor)] + [self.weight.shape[1]])
         return self.weight.shape[0] * widest
+
+    def walk_elements(self) -> int:
+        """Elements per sample of the intermediates that walking all rows back keeps for autograd."""
+        sizes = [math.prod(e[1]) + math.prod(e[2]) for e in self.trace if not isinstance(e, torch.Tensor)]
+        return self.weight.shape[0] * sum(sizes)
 
     def forced_distances(self, f: torch.Tensor, qs: Sequence[float]) -> Optional[torch.Tensor]:
         """Distances [Q, B, O] to the explicit rows once a later layer forced them (else None)."""
         return row_distances(f, self.cache["dense"].V, qs)[0] if "dense" in self.cache else None
+
+    def for_backward(self) -> "ReverseRows":
+        """The same rows without the basis's values (rebuilt from its recipe when needed), so that
+        the backward's closures do not keep them alive."""
+        return self if self.basis is None else replace(self, basis=self.basis.without_values())
 
     def forced_macs(self) -> float:
         """Multiply-adds per sample of :meth:`force` (the forward order from the basis)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ class RowPass:
     trace: List = field(default_factory=list)
     ledger: ExplicitRows = field(default_factory=ExplicitRows)
     sparsity: Optional[dict] = None  # the gradient densities the pass plans from (:mod:`.sparsity`)
+    kept_rows: Tuple[bool, ...] = ()  # per hidden layer, whether a later layer keeps its patch rows
+    index: int = 0  # the hidden layer being built
 
 
 #: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
@@ -70,7 +72,8 @@ def conv_step(rep, conv: nn.Conv2d, state: "RowPass"):
         return conv_kernel(rep, w, *args)  # on the raw input (per-pixel channel map): composed kernels
     if not isinstance(rep, (KernelPatches, Patches)):
         raise Unsupported("Conv2d on flat features")
-    return conv_rows(rep, w, *args, state.ledger)
+    transient = state.index < len(state.kept_rows) and not state.kept_rows[state.index]
+    return conv_rows(rep, w, *args, state.ledger, transient)
 
 
 def avgpool_step(rep, pool: nn.AvgPool2d, state: "RowPass"):
@@ -221,9 +224,13 @@ def mask_rows(rep, mask: torch.Tensor):
 
 
 def force(rep, state: "RowPass") -> Dense:
-    """The explicit rows of a representation built on demand (its basis then kept for the backward)."""
+    """The explicit rows of a representation built on demand: its basis, or the intermediates of
+    its walk back, are then kept for the backward."""
     if rep.basis is not None:
         state.ledger.keep(rep.basis)
+    else:
+        B = next((e.shape[0] for e in rep.trace if isinstance(e, torch.Tensor)), 1)
+        state.ledger.record(B, B * rep.walk_elements())
     return rep.force()
 
 

@@ -25,6 +25,11 @@ class recomputing:
         _RECOMPUTING.active = self.previous
 
 
+def is_recomputing() -> bool:
+    """Whether a checkpoint's recomputation (:class:`recomputing`) is running."""
+    return getattr(_RECOMPUTING, "active", False)
+
+
 class _LazyRowDistances(torch.autograd.Function):
     """Distances to rows that are never stored: the forward builds all rows without autograd,
     ``chunk`` samples at a time; the backward rebuilds, with autograd, only the rows whose distance
@@ -35,7 +40,7 @@ class _LazyRowDistances(torch.autograd.Function):
         B = f.shape[0]
         ctx.save_for_backward(f, *tensors)
         ctx.rows_fn, ctx.whole_fn, ctx.qs, ctx.chunk = rows_fn, whole_fn, qs, chunk
-        if getattr(_RECOMPUTING, "active", False):
+        if is_recomputing():
             return f.new_zeros((len(qs),) + tuple(f.shape))
         parts = []
         with torch.no_grad():

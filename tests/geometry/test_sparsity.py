@@ -3,14 +3,16 @@ fraction of (sample, unit) pairs whose distance got a gradient; the next pass ke
 Linear layer after convolutions on demand when that fraction is small, else explicit. Values and
 gradients never depend on the plan, and a checkpointed pass recomputes the graph it planned even
 when the record changes during its backward."""
+import gc
 import math
 import unittest.mock as mock
+import weakref
 
 import pytest
 import torch
 
 import mmr_ext
-from mmr_ext.geometry import engine, steps
+from mmr_ext.geometry import MemoryBudget, compute_geometry, conv_rows, engine, steps
 from mmr_ext.geometry.sparsity import RECORD, SparsityRecord
 from mmr_ext.native import available
 from oracles import assert_distances_close, make_model
@@ -96,3 +98,57 @@ def test_a_checkpointed_pass_recomputes_the_graph_it_planned(monkeypatch):
     assert planned and all(planned)  # every pass and recomputation: on demand
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def sparse_plan(monkeypatch):
+    """paper_cnn with its fc rows planned on demand (forward order cheaper, no fc gradient last time)."""
+    monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)
+    model, x = make_model("paper_cnn")
+    weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
+    weight[:, 0] = 1.0
+    backward_with(model, x, weight)
+    return model, x
+
+
+def test_transient_conv_rows_are_freed_before_the_backward(monkeypatch):
+    """The second conv's rows, which no layer keeps, are not held by the backward (its pairs are
+    rebuilt from the recipe), and the gradients still equal the reference's."""
+    model, x = sparse_plan(monkeypatch)
+    built = []
+    original = conv_rows.KernelConvRows.rows
+    monkeypatch.setattr(conv_rows.KernelConvRows, "rows",
+                        lambda self, samples, tensors: built.append(original(self, samples, tensors)) or built[-1])
+    b, _ = mmr_ext.region_distances(model, x, math.inf)
+    alive = [weakref.ref(P) for P in built]
+    built.clear()
+    gc.collect()
+    assert alive and all(ref() is None for ref in alive)
+    model.zero_grad()
+    b.nan_to_num(posinf=0.0).sum().backward()
+    got = grads_of(model)
+    model.zero_grad()
+    rb, _ = mmr_ext.region_distances_reference(model, x, math.inf)
+    rb.nan_to_num(posinf=0.0).sum().backward()
+    for a, b in zip(got, grads_of(model)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def grads_of(model):
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def test_a_recomputation_does_not_rebuild_transient_rows(monkeypatch):
+    """Checkpointed chunks (the walk back of the logits' rows over the budget) recompute what the
+    backward saved, not the values of transient conv rows, which only distances read."""
+    model, x = sparse_plan(monkeypatch)
+    calls = []
+    original = conv_rows.KernelConvRows.rows
+    monkeypatch.setattr(conv_rows.KernelConvRows, "rows",
+                        lambda self, samples, tensors: calls.append(samples) or original(self, samples, tensors))
+    b = compute_geometry(model, x, (math.inf,), None, MemoryBudget(2))[0][0][0]
+    assert len(calls) == 4  # the plan's pass over two samples, then one build per chunk of 2, 2 and 1
+    recomputed = []
+    monkeypatch.setattr(conv_rows.KernelConvRows, "empty", lambda self, _o=conv_rows.KernelConvRows.empty:
+                        recomputed.append(1) or _o(self))
+    b.nan_to_num(posinf=0.0).sum().backward()
+    assert len(calls) == 4 and len(recomputed) == 3  # each chunk recomputed, its rows left unbuilt
