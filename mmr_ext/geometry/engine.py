@@ -34,6 +34,8 @@ def _walk(chain: Chain, x: torch.Tensor, state: RowPass, on_hidden: Callable) ->
     rep = identity_rows(x)
     g = x
     layers = []
+    key = chain.logits_block.key_layer()
+    state.logits_rows = getattr(key, "out_features", None) or getattr(key, "out_channels", 1)
     for index, (block, slope) in enumerate(chain.hidden):
         state.index = index
         rep, f = apply_block(rep, block, g, state)

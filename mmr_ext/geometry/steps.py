@@ -31,6 +31,7 @@ class RowPass:
     sparsity: Optional[dict] = None  # the gradient densities the pass plans from (:mod:`.sparsity`)
     kept_rows: Tuple[bool, ...] = ()  # per hidden layer, whether a later layer keeps its patch rows
     index: int = 0  # the hidden layer being built
+    logits_rows: int = 0  # rows of the logits (walked back when the last hidden rows are on demand)
 
 
 #: Representations whose rows are built on demand (see :func:`ops.lazy_row_distances`).
@@ -123,19 +124,21 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
         return kernel_to_dense(rep, W)
     if PATCH_COST_WEIGHT * rep.linear_macs(O) > reverse_macs(trace, O):
         return ReverseRows.of(layer, trace, rep.in_shape)
-    if on_demand_pays(density_of(state.sparsity, layer), rep, trace, O):
+    if on_demand_pays(density_of(state.sparsity, layer), rep, trace, O, state.logits_rows):
         return ReverseRows.of(layer, trace, rep.in_shape, basis=rep)  # values in forward order
     return patches_to_dense(rep, W, state.ledger)
 
 
-def on_demand_pays(density: Optional[float], rep: Patches, trace: list, O: int) -> bool:
+def on_demand_pays(density: Optional[float], rep: Patches, trace: list, O: int, logits: int) -> bool:
     """Whether the rows of a Linear layer after convolutions (forward order cheaper) are kept on
-    demand, given the fraction of their (sample, unit) pairs whose distance got a gradient last
-    time: when rebuilding those pairs in reverse order costs fewer multiply-adds than all rows of a
-    sample in forward order. Pairs rebuilt in reverse send their gradient straight to the weights,
-    and the logits' rows are then walked back too, so that neither passes a gradient on to every
-    patch row of the sample, as explicit rows do (docs/MATH.md §13.2). Never measured: explicit."""
-    return density is not None and density * O * reverse_macs(trace, 1) < PATCH_COST_WEIGHT * rep.linear_macs(O)
+    demand, given the fraction ρ of their (sample, unit) pairs whose distance got a gradient last
+    time. Both plans build the values in forward order; explicit rows then cost a dense backward
+    (two products of the forward's size: the decision rows give every row a gradient), on-demand
+    rows a rebuild of the ρ·O pairs and the walk back of the ``logits`` rows, each a walk back with
+    its backward (three times its multiply-adds; docs/MATH.md §13.2). Never measured: explicit."""
+    if density is None:
+        return False
+    return 3 * (density * O + logits) * reverse_macs(trace, 1) < 2 * PATCH_COST_WEIGHT * rep.linear_macs(O)
 
 
 #: Per-MAC cost of the forward order (native patch_linear_rows) relative to the reverse order's

@@ -42,7 +42,7 @@ def set_order(monkeypatch, name):
     weight, on_demand, pairs_forward = ORDERS[name]
     monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", weight)
     if on_demand is not None:
-        monkeypatch.setattr(steps, "on_demand_pays", lambda density, rep, trace, O: on_demand)
+        monkeypatch.setattr(steps, "on_demand_pays", lambda *args: on_demand)
     if pairs_forward is not None:
         monkeypatch.setattr(reverse_rows.ReverseRows, "forward_pays", lambda self, samples, units: pairs_forward)
 

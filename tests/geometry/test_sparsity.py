@@ -53,12 +53,17 @@ def test_a_layer_that_is_gone_leaves_the_record():
 
 @pytest.mark.parametrize("fc_gradient,on_demand", [(0.0, True), (1.0, False)])
 def test_the_next_pass_plans_from_the_record(monkeypatch, fc_gradient, on_demand):
+    """The density recorded by a backward reaches the next pass's plan (here a stand-in rule:
+    on demand below one half), and the values equal the reference's under either plan."""
     monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)  # the forward order is cheaper
+    seen = []
+    monkeypatch.setattr(steps, "on_demand_pays", lambda density, *a: seen.append(density) or stand_in_rule(density))
     model, x = make_model("paper_cnn")
     weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
     weight[:, :FC_UNITS.start] = 1.0
     weight[:, FC_UNITS] = fc_gradient
     backward_with(model, x, weight)  # records the fc layer's density: 0 or 1
+    seen.clear()
     explicit = []
     original = steps.patches_to_dense
     monkeypatch.setattr(steps, "patches_to_dense", lambda *a: explicit.append(1) or original(*a))
@@ -67,7 +72,20 @@ def test_the_next_pass_plans_from_the_record(monkeypatch, fc_gradient, on_demand
         rb, rd = mmr_ext.region_distances_reference(model, x, p)
         assert_distances_close(b, rb, 1e-10)
         assert_distances_close(d, rd, 1e-10)
+    assert seen and all(density == fc_gradient for density in seen)
     assert bool(explicit) != on_demand
+
+
+def test_on_demand_pays_when_the_rebuilt_pairs_and_the_logits_walk_cost_less_than_a_dense_backward():
+    """3 (ρ O + K) r < 2 F: r the walk back of one row, F the forward-order rows of a sample."""
+    class Rows:
+        def linear_macs(self, O):
+            return 1000.0 * O
+    trace = [(torch.nn.Linear(40, 50, bias=False), (40,), (50,))]  # one row walks back in 2000 MACs
+    # O = 100, K = 10: 3 (100 ρ + 10) 2000 < 2e5  <=>  ρ < 0.2333
+    assert steps.on_demand_pays(0.2, Rows(), trace, 100, 10)
+    assert not steps.on_demand_pays(0.25, Rows(), trace, 100, 10)
+    assert not steps.on_demand_pays(None, Rows(), trace, 100, 10)
 
 
 def test_a_checkpointed_pass_recomputes_the_graph_it_planned(monkeypatch):
@@ -76,8 +94,8 @@ def test_a_checkpointed_pass_recomputes_the_graph_it_planned(monkeypatch):
     still follow the plan, and the gradients equal the reference's."""
     monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)
     planned = []
-    original = steps.on_demand_pays
-    monkeypatch.setattr(steps, "on_demand_pays", lambda *a: planned.append(original(*a)) or planned[-1])
+    monkeypatch.setattr(steps, "on_demand_pays", lambda density, *a: planned.append(stand_in_rule(density)) or
+                        planned[-1])
     model, x = make_model("paper_cnn")
     y = torch.tensor([0, 1, 2, 3, 4])
     weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
@@ -100,9 +118,15 @@ def test_a_checkpointed_pass_recomputes_the_graph_it_planned(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def stand_in_rule(density):
+    """A plan rule for these small nets: on demand below a density of one half."""
+    return density is not None and density < 0.5
+
+
 def sparse_plan(monkeypatch):
     """paper_cnn with its fc rows planned on demand (forward order cheaper, no fc gradient last time)."""
     monkeypatch.setattr(steps, "PATCH_COST_WEIGHT", 1e-12)
+    monkeypatch.setattr(steps, "on_demand_pays", lambda density, *a: stand_in_rule(density))
     model, x = make_model("paper_cnn")
     weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
     weight[:, 0] = 1.0
