@@ -1,7 +1,8 @@
 """The row engine: one pass over the network builds every hidden layer's rows in the cheapest
-representation and reduces them to dual-norm distances with the native kernels (docs/MATH.md
-§1-2, §13); explicit rows over the memory budget are built in checkpointed chunks of samples.
-Layers or layouts outside the representations make :func:`compute_geometry` use the reference.
+representation, as planned from the shapes and the last backward's gradient sparsity, and reduces
+them to dual-norm distances with the native kernels (docs/MATH.md §1-2, §13); explicit rows over
+the memory budget are built in chunks of samples. Layers or layouts outside the representations
+make :func:`compute_geometry` use the reference.
 """
 from __future__ import annotations
 
@@ -128,10 +129,10 @@ def on_demand_distances(f_flat: torch.Tensor, rep, qs: Sequence[float], budget: 
 
 def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
                       budget: MemoryBudget, sparsity: Optional[dict] = None) -> Geometry:
-    """:func:`fast_geometry` of the whole batch, or, when its explicit rows (deep conv patches)
-    would break the budget, of chunks of samples, each checkpointed under autograd (its rows are
-    rebuilt in the backward, distances to rows built on demand are not), so that one chunk's rows
-    are alive at a time."""
+    """:func:`fast_geometry` of the whole batch, or, when its explicit rows would break the budget,
+    of chunks of samples, so that one chunk's rows are alive at a time: checkpointed under autograd
+    when rows the backward keeps break it (recomputed in the backward, except what only distances
+    read), plain chunks when only transient rows do."""
     B = x.shape[0]
     plan = PassPlan.measure(chain, x, sparsity) if B > 1 else PassPlan(sparsity)
     n = budget.samples_per_pass(max(plan.kept_elements, plan.transient_elements), B) if B > 1 else B

@@ -1,7 +1,8 @@
-"""Rows of a Linear layer after convolutions, built on demand in reverse (vector-Jacobian) order
-(docs/MATH.md §1, §13): the Linear layer's weight rows are walked back through the traced layers
-and activation masks onto the input, for all units of some samples or for chosen (sample, unit)
-pairs; the last step onto the input runs fused with the dual norms when it is a conv.
+"""Rows of a Linear layer after convolutions, built on demand (docs/MATH.md §1, §13.2): in reverse
+(vector-Jacobian) order, the Linear layer's weight rows walked back through the traced layers and
+activation masks onto the input, for all units of some samples or for chosen (sample, unit) pairs
+(the last step onto the input fused with the dual norms when it is a conv); or, with a basis (the
+patch rows of the layer's input), all rows of some samples in forward order from it.
 """
 from __future__ import annotations
 

@@ -145,6 +145,7 @@ def on_demand_pays(density: Optional[float], rep: Patches, trace: list, O: int, 
 #: transposed convolutions: 1, a plain multiply-add comparison (docs/MATH.md §13.2).
 PATCH_COST_WEIGHT = 1.0
 
+
 def kernel_to_dense(rep: KernelPatches, W: torch.Tensor) -> Dense:
     """Rows of W [O, C*H*W] applied to (masked) kernel rows: one transposed conv per (sample, row)."""
     C = rep.K.shape[0]
