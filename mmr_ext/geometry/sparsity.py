@@ -28,6 +28,18 @@ class SparsityRecord:
         """The densities as they are now, for one pass to plan from."""
         return dict(self._density)
 
+    def state_of(self, model: nn.Module) -> Dict[str, float]:
+        """The densities of ``model``'s layers by module name (what a training checkpoint keeps)."""
+        return {name: self._density[m] for name, m in model.named_modules() if m in self._density}
+
+    def restore(self, model: nn.Module, state: Dict[str, float]) -> None:
+        """Sets the densities of ``model``'s layers from a :meth:`state_of` dict, so that a resumed
+        run plans its next step as the interrupted one would have."""
+        modules = dict(model.named_modules())
+        for name, density in state.items():
+            if name in modules:
+                self._density[modules[name]] = float(density)
+
     def watch(self, layer: nn.Module, distances: torch.Tensor) -> None:
         """Records, when the backward reaches them, which of ``distances`` [Q, B, n] got a gradient."""
         if not distances.requires_grad:

@@ -16,6 +16,8 @@ code runs on load). Keys:
     metrics              list of per-epoch metric dicts
     config               the resolved training configuration (dict of plain values)
     world_size           number of processes that trained it
+    sparsity_state       per layer (module name), the gradient density the row engine plans its
+                         next step from (:mod:`mmr_ext.geometry.sparsity`; that of rank 0)
 
 Files are written to a temporary file in the target folder, flushed to disk and moved into place
 with ``os.replace``, so a crash or a failing write (disk full) leaves either the previous

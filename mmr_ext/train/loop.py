@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from ..geometry.sparsity import RECORD
 from ..nn.zoo import build_model
 from ..outputs import atomic_write_text, writing
 from .checkpoint import (CheckpointError, build_from_checkpoint, config_differences, describe_differences,
@@ -151,6 +152,7 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
             raise CheckpointError(f"checkpoint '{path}': schedule {ckpt['schedule_state']} differs from "
                                   f"the requested {schedule.state_dict()}")
         restore_rng_state(ckpt["rng"], loader_gen, attack_gen, d, path)
+        RECORD.restore(model, ckpt.get("sparsity_state", {}))
         history = list(ckpt["metrics"])
         start_epoch = ckpt["epoch"]
         say(f"resuming from '{path}' after epoch {start_epoch}/{c.epochs}")
@@ -263,7 +265,8 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
                 state = {"model_name": c.model, "in_shape": list(info.in_shape), "num_classes": info.num_classes,
                          "dtype": c.dtype, "model_state": model.state_dict(), "epoch": epoch + 1,
                          "optimizer_state": optimizer.state_dict(), "schedule_state": schedule.state_dict(),
-                         "rng": rng, "metrics": history, "config": config_dict(c), "world_size": d.world}
+                         "rng": rng, "metrics": history, "config": config_dict(c), "world_size": d.world,
+                         "sparsity_state": RECORD.state_of(model)}
                 save_checkpoint(ckpt_path, state)
                 if c.keep_checkpoints:
                     save_checkpoint(out_dir / f"epoch_{epoch + 1:03d}.pt", state)

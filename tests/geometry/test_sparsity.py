@@ -42,6 +42,21 @@ def test_backward_records_the_fraction_of_pairs_with_a_gradient():
     assert RECORD.snapshot()[fc_layer(model)] == pytest.approx(3 / 50)
 
 
+def test_the_record_of_a_model_round_trips_by_module_name():
+    """What a training checkpoint keeps: the densities by module name, restored onto a new model."""
+    model, x = make_model("paper_cnn")
+    weight = torch.zeros(5, FC_UNITS.stop, dtype=x.dtype)
+    weight[0, FC_UNITS.start + 1] = 1.0
+    backward_with(model, x, weight)
+    state = RECORD.state_of(model)
+    name = next(n for n, m in model.named_modules() if m is fc_layer(model))
+    assert state[name] == pytest.approx(1 / 50)
+    other, _ = make_model("paper_cnn", seed=1)
+    RECORD.restore(other, state)
+    assert RECORD.state_of(other) == state
+    assert RECORD.snapshot()[fc_layer(other)] == pytest.approx(1 / 50)
+
+
 def test_a_layer_that_is_gone_leaves_the_record():
     record = SparsityRecord()
     model, x = make_model("paper_cnn")

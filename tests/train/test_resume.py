@@ -32,6 +32,10 @@ def test_resume_from_intermediate_checkpoint_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in resumed.metrics] == [1, 2, 3]
     assert resumed.metrics[:2] == full.metrics[:2]
+    # the row engine's plan of the next step travels with the checkpoint
+    state = load_checkpoint(tmp_path / "full" / "epoch_002.pt")["sparsity_state"]
+    names = dict(full.model.named_modules())
+    assert state and all(name in names and 0.0 <= v <= 1.0 for name, v in state.items())
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
