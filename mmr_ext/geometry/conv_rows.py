@@ -151,12 +151,14 @@ class KernelConvRows:
             mask = take_samples(mask, samples)
         return patch_conv(prev, mask, w, self.stride, self.padding, self.dilation, self.prev)
 
+    def grid(self) -> Tuple[int, int]:
+        """The conv's output grid."""
+        return conv_output_grid(self.prev.grid, tuple(self.weight.shape[-2:]), self.stride, self.padding, self.dilation)
+
     def empty_shape(self) -> Tuple[int, ...]:
         """The shape of :meth:`rows` of the whole batch."""
-        Cin = self.prev.K.shape[1]
-        grid = conv_output_grid(self.prev.grid, tuple(self.weight.shape[-2:]), self.stride, self.padding, self.dilation)
         n = 1 if self.prev.mask is None else self.prev.mask.shape[0]
-        return (n, self.weight.shape[0]) + tuple(grid) + (Cin,) + self.window()
+        return (n, self.weight.shape[0]) + tuple(self.grid()) + (self.prev.K.shape[1],) + self.window()
 
     def empty(self) -> torch.Tensor:
         """An uninitialised tensor of the shape of :meth:`rows` of the whole batch."""
@@ -164,9 +166,10 @@ class KernelConvRows:
 
     def pair_elements(self) -> int:
         """Elements of the intermediates of one pair's rebuild."""
-        C, Cin, Rh, Rw = self.prev.K.shape
+        C, Cin = self.prev.K.shape[:2]
         kh, kw = self.weight.shape[-2:]
-        return C * kh * kw + Cin * self.window()[0] * self.window()[1]
+        Rh, Rw = self.window()
+        return C * kh * kw + Cin * Rh * Rw
 
     def window(self) -> Tuple[int, int]:
         kh, kw = self.weight.shape[-2:]
@@ -183,7 +186,7 @@ class KernelConvRows:
         sy, sx = (self.dilation[0] * self.prev.stride[0], self.dilation[1] * self.prev.stride[1])
         placed = torch.stack([F.pad(K, (j * sx, R2w - Rw - j * sx, i * sy, R2h - Rh - i * sy))
                               for i in range(kh) for j in range(kw)], dim=1)  # [C, kh*kw, Cin, R2h, R2w]
-        grid = conv_output_grid(self.prev.grid, (kh, kw), self.stride, self.padding, self.dilation)
+        grid = self.grid()
         L = grid[0] * grid[1]
         mask = self.prev.mask
         if mask is None:

@@ -96,7 +96,8 @@ def fast_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Op
     for layer, entry in layers:
         if isinstance(entry, tuple):
             entry = on_demand_distances(*entry, qs, budget)
-        RECORD.watch(layer, entry)
+        if isinstance(layer, nn.Linear):  # the layers whose density a plan reads (:func:`.steps.linear_step`)
+            RECORD.watch(layer, entry)
         boundary.append(entry)
     out = []
     for i, decision in enumerate(decisions):

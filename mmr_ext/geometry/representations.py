@@ -10,10 +10,9 @@ Representations built on demand live in :mod:`.conv_rows` and :mod:`.reverse_row
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
-
-import math
 
 import torch
 

@@ -75,10 +75,12 @@ class ReverseRows:
     def forward_pays(self, samples: torch.Tensor, units: torch.Tensor) -> bool:
         """Whether building all rows of the distinct samples in forward order from the basis costs
         fewer multiply-adds than walking the pairs' rows back one by one."""
-        if self.basis is None:
-            return False
-        distinct = torch.unique(samples).numel()
-        return distinct * self.basis.linear_macs(self.weight.shape[0]) < units.numel() * reverse_macs(self.trace, 1)
+        return self.basis is not None and self.forward_cheaper(torch.unique(samples).numel(), units.numel())
+
+    def forward_cheaper(self, distinct: int, pairs: int) -> bool:
+        """Whether all rows of ``distinct`` samples from the basis cost fewer multiply-adds than
+        ``pairs`` rows walked back."""
+        return distinct * self.basis.linear_macs(self.weight.shape[0]) < pairs * reverse_macs(self.trace, 1)
 
     def rows_of(self, samples: Optional[torch.Tensor], units: Optional[torch.Tensor],
                 tensors: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
@@ -87,9 +89,10 @@ class ReverseRows:
         W, weights, basis_tensors = self._unpack(tensors)
         if self.basis is not None and units is None:
             return self.basis.linear_rows(W, samples)
-        if units is not None and self.forward_pays(samples, units):
+        if self.basis is not None:  # pairs: from the basis when that is cheaper
             distinct, inverse = torch.unique(samples, return_inverse=True)
-            return self._basis_of(distinct, basis_tensors).linear_rows(W)[inverse, units]
+            if self.forward_cheaper(distinct.numel(), units.numel()):
+                return self._basis_of(distinct, basis_tensors).linear_rows(W)[inverse, units]
         out = reverse_walk(W[None] if units is None else W[units][:, None], self.trace, weights, samples)
         out = out.reshape(out.shape[0], out.shape[1], -1)
         return out if units is None else out[:, 0]

@@ -4,7 +4,7 @@
 Which rows of a fully connected layer after convolutions receive a gradient is only known after
 the loss: after a top-k hinge selection on a trained network, a few percent of them; at
 initialisation, most. The cheapest exact plan differs between the two (rows on demand with the
-decision rows walked back, or explicit rows), so every backward records, per layer, the fraction of
+decision rows walked back, or explicit rows), so every backward records, per fully connected layer, the fraction of
 (sample, unit) pairs whose distance got a gradient, and the next pass plans from it. A pass reads
 the record once, before it starts (:meth:`SparsityRecord.snapshot`), so that a checkpointed chunk
 recomputes exactly the graph it built. Only speed depends on it, never the results.
@@ -12,7 +12,7 @@ recomputes exactly the graph it built. Only speed depends on it, never the resul
 from __future__ import annotations
 
 import weakref
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
@@ -55,8 +55,3 @@ class SparsityRecord:
 
 #: The record the row engine plans from.
 RECORD = SparsityRecord()
-
-
-def density_of(plan: Optional[Dict[nn.Module, float]], layer: nn.Module) -> Optional[float]:
-    """The density a pass's snapshot holds for ``layer`` (None: never measured)."""
-    return None if plan is None else plan.get(layer)

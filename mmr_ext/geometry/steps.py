@@ -18,7 +18,6 @@ from .conv_rows import conv_kernel, conv_rows, full_weight, pool_patches
 from .memory import ExplicitRows
 from .representations import Dense, KernelPatches, Patches, Unsupported
 from .reverse_rows import ReverseRows, reverse_macs
-from .sparsity import density_of
 
 
 @dataclass
@@ -124,7 +123,8 @@ def linear_step(rep, layer: nn.Linear, state: "RowPass"):
         return kernel_to_dense(rep, W)
     if PATCH_COST_WEIGHT * rep.linear_macs(O) > reverse_macs(trace, O):
         return ReverseRows.of(layer, trace, rep.in_shape)
-    if on_demand_pays(density_of(state.sparsity, layer), rep, trace, O, state.logits_rows):
+    density = state.sparsity.get(layer) if state.sparsity else None
+    if on_demand_pays(density, rep, trace, O, state.logits_rows):
         return ReverseRows.of(layer, trace, rep.in_shape, basis=rep)  # values in forward order
     return patches_to_dense(rep, W, state.ledger)
 

@@ -44,7 +44,7 @@ def set_order(monkeypatch, name):
     if on_demand is not None:
         monkeypatch.setattr(steps, "on_demand_pays", lambda *args: on_demand)
     if pairs_forward is not None:
-        monkeypatch.setattr(reverse_rows.ReverseRows, "forward_pays", lambda self, samples, units: pairs_forward)
+        monkeypatch.setattr(reverse_rows.ReverseRows, "forward_cheaper", lambda self, distinct, pairs: pairs_forward)
 
 
 @pytest.fixture(params=list(ORDERS))
