@@ -6,6 +6,7 @@
 // fields. The backward runs the same loops with the incoming gradient, over the units that have one.
 #include "../checks.h"
 #include "../patch_rows.h"
+#include "blas.h"
 #include "simd.h"
 
 #include <ATen/Dispatch.h>
@@ -97,28 +98,101 @@ MMR_ALWAYS_INLINE void inside_entries(const ConvPatchGeometry& g, int64_t y, int
   }
 }
 
-// The rows of sample b: out [O, Ho*Wo, E]; scratch [E, O] and inside [E].
+// Per tap (i, j) of a block of output positions, the block's in-grid sources: their positions and
+// the slopes times the previous rows, gathered as A [positions * E', C], the left operand of the
+// tap's GEMM with the weight block [C, O].
+template <typename scalar_t>
+struct TapOperand {
+  std::vector<int64_t> positions;
+  std::vector<scalar_t> A;
+
+  // Gathers the sources of tap (i, j) for positions [l_begin, l_end) of sample b; returns their count.
+  int64_t gather(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b, int64_t l_begin,
+                 int64_t l_end, int64_t i, int64_t j) {
+    const int64_t Ep = prev_window_size_of(g);
+    positions.clear();
+    for (int64_t l = l_begin; l < l_end; ++l) {
+      int64_t yp, xp;
+      if (!tap_source(g, l / g.out.W, l % g.out.W, i, j, &yp, &xp)) continue;
+      scalar_t* a = A.data() + static_cast<int64_t>(positions.size()) * Ep * g.C;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const scalar_t s = op.slope(b, c, yp, xp);
+        const scalar_t* row = op.prev_row(b, c, yp, xp);
+        for (int64_t ep = 0; ep < Ep; ++ep) a[ep * g.C + c] = s * row[ep];
+      }
+      positions.push_back(l);
+    }
+    return static_cast<int64_t>(positions.size());
+  }
+};
+
+// Buffers of one thread for the forward: the tap operand, the GEMM result T [positions * E', O] and
+// the block's windows, transposed [positions, E, O] (so that a tap adds O-wide vectors).
+template <typename scalar_t>
+struct RowScratch {
+  TapOperand<scalar_t> tap;
+  std::vector<scalar_t> T, windows;
+  RowScratch(const ConvPatchGeometry& g, int64_t block)
+      : T(block * prev_window_size_of(g) * g.O), windows(block * window_size_of(g.out) * g.O) {
+    tap.A.resize(block * prev_window_size_of(g) * g.C);
+  }
+};
+
+// Output positions per block: the block's windows [block, E, O] stay in cache (about 128 KiB of
+// them) while every tap adds onto them, and each tap's GEMM has block * E' rows.
+inline int64_t position_block(const ConvPatchGeometry& g, int64_t element_size) {
+  const int64_t per_position = window_size_of(g.out) * g.O * element_size;
+  return std::max<int64_t>(1, std::min<int64_t>(positions_of(g.out), (int64_t(128) << 10) / per_position));
+}
+
+// Writes the transposed window [E, O] of position (y, x) as its O rows (row stride `stride`):
+// entries outside the input are zero.
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void write_window(const ConvPatchGeometry& g, int64_t y, int64_t x, const scalar_t* __restrict__ window,
+                                    scalar_t* __restrict__ out, int64_t stride) {
+  const PatchGeometry& w = g.out;
+  const int64_t O = g.O, E = window_size_of(w);
+  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
+  if (us.begin != 0 || us.end != w.Rh || vs.begin != 0 || vs.end != w.Rw) {
+    for (int64_t o = 0; o < O; ++o) std::fill(out + o * stride, out + o * stride + E, scalar_t(0));
+  }
+  for (int64_t o = 0; o < O; ++o) {
+    scalar_t* row = out + o * stride;
+    for (int64_t cin = 0; cin < w.Cin; ++cin) {
+      for (int64_t u = us.begin; u < us.end; ++u) {
+        const int64_t e0 = (cin * w.Rh + u) * w.Rw;
+        for (int64_t v = vs.begin; v < vs.end; ++v) row[e0 + v] = window[(e0 + v) * O + o];
+      }
+    }
+  }
+}
+
+// The rows of sample b, out [O, Ho*Wo, E]: per block of output positions and per tap (i, j), one
+// GEMM [positions * E', C] x [C, O] gives the tap's contribution to the O rows of every position,
+// added at the tap's offset inside the windows; no multiplication by the zeros outside the
+// receptive fields.
 template <typename scalar_t>
 MMR_ALWAYS_INLINE void sample_rows(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
-                                   scalar_t* __restrict__ out, scalar_t* __restrict__ scratch,
-                                   unsigned char* __restrict__ inside) {
-  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out);
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t y = l / g.out.W, x = l % g.out.W;
-    std::fill(scratch, scratch + E * O, scalar_t(0));
-    for_active_taps<scalar_t>(g, op, b, y, x, [&](int64_t c, int64_t i, int64_t j, scalar_t s, const scalar_t* row,
-                                                  int64_t, int64_t) {
-      const scalar_t* w = op.weight_t + ((c * g.kh + i) * g.kw + j) * O;
-      for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) {
-        const scalar_t v = row[ep] * s;
-        if (v != scalar_t(0)) axpy<scalar_t>(scratch + e * O, w, v, O);
-      });
-    });
-    inside_entries(g, y, x, inside);
-    for (int64_t o = 0; o < O; ++o) {
-      scalar_t* row = out + (o * L + l) * E;
-      for (int64_t e = 0; e < E; ++e) row[e] = inside[e] ? scratch[e * O + o] : scalar_t(0);
+                                   scalar_t* __restrict__ out, RowScratch<scalar_t>& buf, int64_t block) {
+  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out), Ep = prev_window_size_of(g);
+  for (int64_t l0 = 0; l0 < L; l0 += block) {
+    const int64_t l1 = std::min(L, l0 + block);
+    scalar_t* __restrict__ windows = buf.windows.data();
+    std::fill(windows, windows + (l1 - l0) * E * O, scalar_t(0));
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t count = buf.tap.gather(g, op, b, l0, l1, i, j);
+        if (count == 0) continue;
+        const scalar_t* w = op.weight_t + (i * g.kw + j) * O;  // [C, O], rows of stride kh * kw * O
+        matmul<scalar_t>(false, false, count * Ep, O, g.C, buf.tap.A.data(), g.C, w, g.kh * g.kw * O, buf.T.data(), O);
+        for (int64_t p = 0; p < count; ++p) {
+          scalar_t* window = windows + (buf.tap.positions[p] - l0) * E * O;
+          const scalar_t* t = buf.T.data() + p * Ep * O;
+          for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) { add<scalar_t>(window + e * O, t + ep * O, O); });
+        }
+      }
     }
+    for (int64_t l = l0; l < l1; ++l) write_window<scalar_t>(g, l / g.out.W, l % g.out.W, windows + (l - l0) * E * O, out + l * E, L * E);
   }
 }
 
@@ -201,8 +275,8 @@ struct SampleKernels;
 
 #define MMR_SAMPLE_KERNELS(scalar_t)                                                                              \
   MMR_SIMD_CLONES void sample_rows_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op,  \
-                                              int64_t b, scalar_t* out, scalar_t* scratch, unsigned char* inside) {\
-    sample_rows<scalar_t>(g, op, b, out, scratch, inside);                                                        \
+                                              int64_t b, scalar_t* out, RowScratch<scalar_t>& buf, int64_t block) { \
+    sample_rows<scalar_t>(g, op, b, out, buf, block);                                                             \
   }                                                                                                               \
   MMR_SIMD_CLONES void sample_grads_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, \
                                                int64_t b, const scalar_t* grad_out, scalar_t* grad_weight_t,      \
@@ -236,12 +310,10 @@ at::Tensor conv_patch_rows_cpu(const at::Tensor& prev_in, const std::optional<at
   AT_DISPATCH_FLOATING_TYPES(prev.scalar_type(), "conv_patch_rows_cpu", [&] {
     const ConvPatchOperands<scalar_t> op = conv_patch_operands<scalar_t>(prev, mask, weight_t);
     scalar_t* outp = out.data_ptr<scalar_t>();
+    const int64_t block = position_block(g, sizeof(scalar_t));
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> scratch(E * g.O);
-      std::vector<unsigned char> inside(E);
-      for (int64_t b = begin; b < end; ++b) {
-        SampleKernels<scalar_t>::rows(g, op, b, outp + b * g.O * L * E, scratch.data(), inside.data());
-      }
+      RowScratch<scalar_t> buf(g, block);
+      for (int64_t b = begin; b < end; ++b) SampleKernels<scalar_t>::rows(g, op, b, outp + b * g.O * L * E, buf, block);
     });
   });
   return out;

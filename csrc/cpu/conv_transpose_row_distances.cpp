@@ -72,7 +72,7 @@ at::Tensor conv_transpose_row_distances_cpu(const at::Tensor& f_in, const at::Te
           case 75: row_canvas<75>(g, row, strides, row_mask, wp, taps.data(), canvas.data()); break;
           default: row_canvas<0>(g, row, strides, row_mask, wp, taps.data(), canvas.data());
         }
-        row_norms<scalar_t, acc_t>(canvas.data(), D, norms, norm);
+        row_norms(canvas.data(), D, norms, norm);
         const acc_t fv = static_cast<acc_t>(fp[t]);
         for (int k = 0; k < Q; ++k) dp[k * n * R + t] = static_cast<scalar_t>(hyperplane_distance<acc_t>(fv, norm[k]));
       }

@@ -7,6 +7,7 @@
 #include "../checks.h"
 #include "../patch_rows.h"
 #include "blas.h"
+#include "simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -120,6 +121,36 @@ void read_window(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, const 
   });
 }
 
+// The input-space rows [K, D] of sample b (zeroed before): per position, the GEMM of the active
+// units' weights with their patch rows, added onto the position's window.
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void sample_rows(const PatchGeometry& g, const Operands<scalar_t>& op, int64_t b,
+                                   PositionScratch<scalar_t>& s, scalar_t* rows) {
+  for (int64_t l = 0; l < op.L; ++l) {
+    const int64_t active = s.gather(op, b, l);
+    if (active == 0) continue;
+    matmul<scalar_t>(false, false, op.K, op.E, active, s.A.data(), active, s.P.data(), op.E, s.Y.data(), op.E);
+    add_window<scalar_t>(g, l / g.W, l % g.W, op.K, s.Y.data(), rows);
+  }
+}
+
+template <typename scalar_t>
+struct SampleRows;
+
+#define MMR_SAMPLE_ROWS(scalar_t)                                                                                 \
+  MMR_SIMD_CLONES void sample_rows_##scalar_t(const PatchGeometry& g, const Operands<scalar_t>& op, int64_t b,    \
+                                              PositionScratch<scalar_t>& s, scalar_t* rows) {                     \
+    sample_rows<scalar_t>(g, op, b, s, rows);                                                                     \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  struct SampleRows<scalar_t> {                                                                                   \
+    static constexpr auto run = &sample_rows_##scalar_t;                                                          \
+  };
+
+MMR_SAMPLE_ROWS(float)
+MMR_SAMPLE_ROWS(double)
+#undef MMR_SAMPLE_ROWS
+
 at::Tensor patch_linear_rows_cpu(const at::Tensor& patches_in, const std::optional<at::Tensor>& mask_in,
                                  const at::Tensor& weight_in, c10::ArrayRef<int64_t> grid,
                                  c10::ArrayRef<int64_t> window, c10::ArrayRef<int64_t> stride,
@@ -134,14 +165,7 @@ at::Tensor patch_linear_rows_cpu(const at::Tensor& patches_in, const std::option
     scalar_t* out = rows.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       PositionScratch<scalar_t> s(op);
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t l = 0; l < op.L; ++l) {
-          const int64_t active = s.gather(op, b, l);
-          if (active == 0) continue;
-          matmul<scalar_t>(false, false, K, op.E, active, s.A.data(), active, s.P.data(), op.E, s.Y.data(), op.E);
-          add_window<scalar_t>(g, l / g.W, l % g.W, K, s.Y.data(), out + b * K * D);
-        }
-      }
+      for (int64_t b = begin; b < end; ++b) SampleRows<scalar_t>::run(g, op, b, s, out + b * K * D);
     });
   });
   return rows;

@@ -63,6 +63,35 @@ MMR_ROW_GRADIENT(float)
 MMR_ROW_GRADIENT(double)
 #undef MMR_ROW_GRADIENT
 
+// dist[0:R] = |f| / norm (or f / norm when signed), element by element.
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void distance_row(scalar_t* __restrict__ dist, const scalar_t* __restrict__ f,
+                                    const scalar_t* __restrict__ norm, int64_t R, bool is_signed) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  if (is_signed) {
+    for (int64_t r = 0; r < R; ++r) dist[r] = static_cast<scalar_t>(signed_distance<acc_t>(f[r], norm[r]));
+  } else {
+    for (int64_t r = 0; r < R; ++r) dist[r] = static_cast<scalar_t>(hyperplane_distance<acc_t>(f[r], norm[r]));
+  }
+}
+
+template <typename scalar_t>
+struct DistanceRow;
+
+#define MMR_DISTANCE_ROW(scalar_t)                                                                                \
+  MMR_SIMD_CLONES void distance_row_##scalar_t(scalar_t* dist, const scalar_t* f, const scalar_t* norm, int64_t R, \
+                                               bool is_signed) {                                                  \
+    distance_row<scalar_t>(dist, f, norm, R, is_signed);                                                          \
+  }                                                                                                               \
+  template <>                                                                                                     \
+  struct DistanceRow<scalar_t> {                                                                                  \
+    static constexpr auto run = &distance_row_##scalar_t;                                                         \
+  };
+
+MMR_DISTANCE_ROW(float)
+MMR_DISTANCE_ROW(double)
+#undef MMR_DISTANCE_ROW
+
 std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, const at::Tensor& rows_in,
                                                      c10::ArrayRef<double> qs, bool is_signed) {
   const NormSet norms = check_row_distances(f_in, rows_in, qs);
@@ -82,17 +111,16 @@ std::tuple<at::Tensor, at::Tensor> row_distances_cpu(const at::Tensor& f_in, con
     at::parallel_for(0, Br * R, grain, [&](int64_t begin, int64_t end) {
       acc_t n[kMaxNorms];
       for (int64_t t = begin; t < end; ++t) {
-        row_norms<scalar_t, acc_t>(rp + t * D, D, norms, n);
+        row_norms(rp + t * D, D, norms, n);
         for (int k = 0; k < Q; ++k) np[k * Br * R + t] = static_cast<scalar_t>(n[k]);
       }
     });
-    // Distances of every sample; a shared row set (Br == 1) serves the whole batch.
-    at::parallel_for(0, Q * B * R, 4096, [&](int64_t begin, int64_t end) {
+    // Distances of every sample, one (norm, sample) row at a time; a shared row set (Br == 1)
+    // serves the whole batch.
+    at::parallel_for(0, Q * B, std::max<int64_t>(1, 4096 / std::max<int64_t>(R, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t k = t / (B * R), b = (t / R) % B, r = t % R;
-        const acc_t nv = static_cast<acc_t>(np[(k * Br + (Br == 1 ? 0 : b)) * R + r]);
-        const acc_t fv = static_cast<acc_t>(fp[b * R + r]);
-        dp[t] = static_cast<scalar_t>(is_signed ? signed_distance<acc_t>(fv, nv) : hyperplane_distance<acc_t>(fv, nv));
+        const int64_t k = t / B, b = t % B;
+        DistanceRow<scalar_t>::run(dp + t * R, fp + b * R, np + (k * Br + (Br == 1 ? 0 : b)) * R, R, is_signed);
       }
     });
   });

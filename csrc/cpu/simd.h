@@ -22,6 +22,12 @@ MMR_ALWAYS_INLINE void axpy(scalar_t* __restrict__ y, const scalar_t* __restrict
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// y[0:n] += x[0:n]
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void add(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
 // sum x[0:n] * y[0:n], in independent lanes so that the loop vectorizes
 template <typename scalar_t>
 MMR_ALWAYS_INLINE scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {

@@ -11,8 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace mmr {
@@ -31,20 +31,22 @@ std::tuple<at::Tensor, at::Tensor> topk_hinge_cpu(const at::Tensor& dist_in, int
     scalar_t* vp = value.data_ptr<scalar_t>();
     int64_t* ip = index.data_ptr<int64_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> order(N);
+      // (distance, index) pairs, selected and sorted in place: the comparisons read contiguous
+      // memory instead of the row through an index
+      std::vector<std::pair<acc_t, int64_t>> order(N);
+      const auto before = [](const std::pair<acc_t, int64_t>& a, const std::pair<acc_t, int64_t>& c) {
+        return ranks_before<acc_t>(a.first, a.second, c.first, c.second);
+      };
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = dp + b * N;
-        std::iota(order.begin(), order.end(), int64_t(0));
-        const auto before = [row](int64_t a, int64_t c) {
-          return ranks_before<acc_t>(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[c]), c);
-        };
+        for (int64_t i = 0; i < N; ++i) order[i] = {static_cast<acc_t>(row[i]), i};
         // linear-time selection of the k smallest, then a sort of those k only (k is often N/5)
         std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), before);
         std::sort(order.begin(), order.begin() + k, before);
         acc_t total = 0;
         for (int64_t i = 0; i < k; ++i) {
-          ip[b * k + i] = order[i];
-          total += hinge<acc_t>(static_cast<acc_t>(row[order[i]]), static_cast<acc_t>(gamma));
+          ip[b * k + i] = order[i].second;
+          total += hinge<acc_t>(order[i].first, static_cast<acc_t>(gamma));
         }
         vp[b] = static_cast<scalar_t>(total / static_cast<acc_t>(k));
       }
