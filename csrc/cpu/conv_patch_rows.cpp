@@ -99,8 +99,8 @@ MMR_ALWAYS_INLINE void inside_entries(const ConvPatchGeometry& g, int64_t y, int
 }
 
 // Per tap (i, j) of a block of output positions, the block's in-grid sources: their positions and
-// the slopes times the previous rows, gathered as A [positions * E', C], the left operand of the
-// tap's GEMM with the weight block [C, O].
+// the slopes times the previous rows, gathered as A^T [C, positions * E'] (row stride `ld`; the
+// previous rows are copied whole), the left operand of the tap's GEMM with the weight block [C, O].
 template <typename scalar_t>
 struct TapOperand {
   std::vector<int64_t> positions;
@@ -108,17 +108,18 @@ struct TapOperand {
 
   // Gathers the sources of tap (i, j) for positions [l_begin, l_end) of sample b; returns their count.
   int64_t gather(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b, int64_t l_begin,
-                 int64_t l_end, int64_t i, int64_t j) {
+                 int64_t l_end, int64_t i, int64_t j, int64_t ld) {
     const int64_t Ep = prev_window_size_of(g);
     positions.clear();
     for (int64_t l = l_begin; l < l_end; ++l) {
       int64_t yp, xp;
       if (!tap_source(g, l / g.out.W, l % g.out.W, i, j, &yp, &xp)) continue;
-      scalar_t* a = A.data() + static_cast<int64_t>(positions.size()) * Ep * g.C;
+      scalar_t* column = A.data() + static_cast<int64_t>(positions.size()) * Ep;
       for (int64_t c = 0; c < g.C; ++c) {
         const scalar_t s = op.slope(b, c, yp, xp);
-        const scalar_t* row = op.prev_row(b, c, yp, xp);
-        for (int64_t ep = 0; ep < Ep; ++ep) a[ep * g.C + c] = s * row[ep];
+        const scalar_t* __restrict__ row = op.prev_row(b, c, yp, xp);
+        scalar_t* __restrict__ dst = column + c * ld;
+        for (int64_t ep = 0; ep < Ep; ++ep) dst[ep] = s * row[ep];
       }
       positions.push_back(l);
     }
@@ -157,11 +158,13 @@ MMR_ALWAYS_INLINE void write_window(const ConvPatchGeometry& g, int64_t y, int64
     for (int64_t o = 0; o < O; ++o) std::fill(out + o * stride, out + o * stride + E, scalar_t(0));
   }
   for (int64_t o = 0; o < O; ++o) {
-    scalar_t* row = out + o * stride;
+    scalar_t* __restrict__ row = out + o * stride;
+    const scalar_t* __restrict__ column = window + o;
     for (int64_t cin = 0; cin < w.Cin; ++cin) {
       for (int64_t u = us.begin; u < us.end; ++u) {
-        const int64_t e0 = (cin * w.Rh + u) * w.Rw;
-        for (int64_t v = vs.begin; v < vs.end; ++v) row[e0 + v] = window[(e0 + v) * O + o];
+        for (int64_t e = (cin * w.Rh + u) * w.Rw + vs.begin, end = e + vs.end - vs.begin; e < end; ++e) {
+          row[e] = column[e * O];
+        }
       }
     }
   }
@@ -181,14 +184,15 @@ MMR_ALWAYS_INLINE void sample_rows(const ConvPatchGeometry& g, const ConvPatchOp
     std::fill(windows, windows + (l1 - l0) * E * O, scalar_t(0));
     for (int64_t i = 0; i < g.kh; ++i) {
       for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t count = buf.tap.gather(g, op, b, l0, l1, i, j);
+        const int64_t count = buf.tap.gather(g, op, b, l0, l1, i, j, block * Ep);
         if (count == 0) continue;
         const scalar_t* w = op.weight_t + (i * g.kw + j) * O;  // [C, O], rows of stride kh * kw * O
-        matmul<scalar_t>(false, false, count * Ep, O, g.C, buf.tap.A.data(), g.C, w, g.kh * g.kw * O, buf.T.data(), O);
+        matmul<scalar_t>(true, false, count * Ep, O, g.C, buf.tap.A.data(), block * Ep, w, g.kh * g.kw * O,
+                         buf.T.data(), O);
         for (int64_t p = 0; p < count; ++p) {
           scalar_t* window = windows + (buf.tap.positions[p] - l0) * E * O;
           const scalar_t* t = buf.T.data() + p * Ep * O;
-          for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) { add<scalar_t>(window + e * O, t + ep * O, O); });
+          for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) { add_run<scalar_t>(window + e * O, t + ep * O, O); });
         }
       }
     }

@@ -90,7 +90,7 @@ struct PositionScratch {
 // Calls visit(window entry pointer, input pixel pointer, count) for every run of in-input entries
 // of the window of position (y, x), for row k of a block [K, E] and of input-space rows [K, D].
 template <typename scalar_t, typename Block, typename Rows, typename Visit>
-void for_window_runs(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, Block* block, Rows* rows, Visit visit) {
+MMR_ALWAYS_INLINE void for_window_runs(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, Block* block, Rows* rows, Visit visit) {
   const int64_t D = image_size_of(g), E = window_size_of(g);
   const int64_t oy = y * g.Sh - g.Ph, ox = x * g.Sw - g.Pw;
   const Span us = inside_span(oy, g.Rh, g.Hin), vs = inside_span(ox, g.Rw, g.Win);
@@ -106,15 +106,15 @@ void for_window_runs(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, Bl
 
 // Adds block [K, E] of position (y, x) onto the input-space rows [K, D] of one sample.
 template <typename scalar_t>
-void add_window(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, const scalar_t* block, scalar_t* rows) {
+MMR_ALWAYS_INLINE void add_window(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, const scalar_t* block, scalar_t* rows) {
   for_window_runs<scalar_t>(g, y, x, K, block, rows, [](const scalar_t* src, scalar_t* dst, int64_t count) {
-    for (int64_t v = 0; v < count; ++v) dst[v] += src[v];
+    add_run<scalar_t>(dst, src, count);
   });
 }
 
 // The entries of input-space rows [K, D] at the window of position (y, x): block [K, E], 0 outside.
 template <typename scalar_t>
-void read_window(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, const scalar_t* rows, scalar_t* block) {
+MMR_ALWAYS_INLINE void read_window(const PatchGeometry& g, int64_t y, int64_t x, int64_t K, const scalar_t* rows, scalar_t* block) {
   std::fill(block, block + K * window_size_of(g), scalar_t(0));
   for_window_runs<scalar_t>(g, y, x, K, block, rows, [](scalar_t* dst, const scalar_t* src, int64_t count) {
     std::copy_n(src, count, dst);

@@ -1,5 +1,5 @@
-// The CPU row-norm loop of row_norms.h. The statistics are kept in independent lanes of the row's
-// own type (separate arrays per statistic, so that the loop vectorizes), then combined in double.
+// The CPU row-norm loop of row_norms.h. The statistics are kept in the lanes of one vector per
+// statistic, in the row's own type, then combined in double.
 #include "row_norms.h"
 
 #include "simd.h"
@@ -10,16 +10,17 @@ namespace {
 
 template <typename scalar_t>
 MMR_ALWAYS_INLINE void norms_of_row(const scalar_t* __restrict__ row, int64_t D, const NormSet& norms, double* out) {
-  constexpr int64_t kLanes = 64 / sizeof(scalar_t);
-  scalar_t l1[kLanes] = {}, l2sq[kLanes] = {}, maxabs[kLanes] = {};
+  using V = Vec<scalar_t>;
+  using vec = typename V::type;
+  constexpr int64_t kLanes = V::lanes;
+  vec l1 = {}, l2sq = {}, maxabs = {};
   int64_t i = 0;
   for (; i + kLanes <= D; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const scalar_t a = abs_val(row[i + j]);
-      l1[j] += a;
-      l2sq[j] += a * a;
-      maxabs[j] = a > maxabs[j] ? a : maxabs[j];
-    }
+    const vec v = V::load(row + i);
+    const vec a = v < 0 ? -v : v;
+    l1 += a;
+    l2sq += a * a;
+    maxabs = a > maxabs ? a : maxabs;
   }
   RowStats<double> st;
   for (; i < D; ++i) stats_update<double>(st, static_cast<double>(row[i]));
