@@ -24,6 +24,10 @@ Two yardsticks for the native loss step (its median time is divided by each):
   result): ``floor_forward_macs_per_sample``, ``floor_step_macs`` (the whole batch), ``floor_s``;
   native entry: ``ratio_vs_floor``.
 
+Allocator: the process first calls :func:`mmr_ext.retain_freed_memory` (glibc keeps freed memory
+for reuse), as ``mmr-ext train`` does; ``--system-allocator`` leaves the allocator as it starts.
+JSON: ``machine.retain_freed_memory``.
+
 Weights: the ``cnn-mnist`` configs use the MNIST CNN trained by mmr-ext's own demo recipe
 (``mmr-ext train``: MMR-Universal on the bundled mnist5k) for ``--train-epochs`` epochs (default
 3, 0 with --quick), cached in ``<--out>/cnn-mnist5k/`` and reused while its settings match, on mnist5k
@@ -376,6 +380,9 @@ def parse_args(argv):
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="a checkpoint of `mmr-ext train` on mnist/mnist5k: its trained weights and "
                              "mnist5k images replace the random ones in the configs with the same model")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave the C allocator as the process starts (default: mmr_ext.retain_freed_memory(), "
+                             "as mmr-ext train applies it)")
     parser.add_argument("--train-epochs", type=int, metavar="N",
                         help="without --checkpoint: train the MNIST CNN for N epochs of the demo recipe on "
                              "mnist5k (cached under --out) for the cnn-mnist configs; 0: random weights "
@@ -393,6 +400,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    retained = False if args.system_allocator else mmr_ext.retain_freed_memory()
     cfgs, repeats = selected_configs(args)
     if args.floor_only:
         for label, arch, in_shape, _ in cfgs:
@@ -429,14 +437,16 @@ def main(argv=None):
                 rows.append(result)
                 _print_row(result)
     report = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "gemm_gflops": gemm},
+                          "torch": torch.__version__, "gemm_gflops": gemm, "retain_freed_memory": retained},
               "kw": {k: list(v) if isinstance(v, tuple) else v for k, v in KW.items()},
               "checkpoint": checkpoint, "train_epochs": None if args.checkpoint else args.train_epochs,
               "results": rows}
     path = os.path.join(args.out, "bench_distances.json")
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2)
-    print(f"\nGEMM rate of this machine: {gemm:.1f} GFLOP/s ({torch.get_num_threads()} threads); wrote {path}")
+    allocator = "freed memory retained" if retained else "system allocator settings"
+    print(f"\nGEMM rate of this machine: {gemm:.1f} GFLOP/s ({torch.get_num_threads()} threads, {allocator}); "
+          f"wrote {path}")
     return report
 
 

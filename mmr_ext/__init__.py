@@ -5,6 +5,7 @@ native (C++/CUDA) kernels for the linear-region geometry. See README.md and docs
 """
 import torch  # noqa: F401  (the compiled module needs libtorch loaded first)
 
+from .allocator import retain_freed_memory
 from .attacks import min_norm_attack, pgd, pgd_max, verify_adversarial
 from .certify import Certificate, MIPResult, certified_by_bounds, certify, layer_bounds, margin_bounds, verify_mip
 from .curves import RobustnessCurves, robustness_curves
@@ -55,5 +56,6 @@ __all__ = [
     "mmr_universal",
     "region_distances",
     "region_distances_reference",
+    "retain_freed_memory",
     "universal_loss",
 ]

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 import torch
 
+from .allocator import retain_freed_memory
 from .math.norms import parse_norm
 
 __all__ = ["main", "build_parser", "add_evaluate_arguments", "run_evaluate"]
@@ -453,6 +454,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(with_evaluate=command != "train")
     args = parser.parse_args(argv)
+    retain_freed_memory()  # the engine's large tensors reuse mapped pages (speed only)
     if args.command == "train":
         return _train_main(args)
     status = run_evaluate(args)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mmr_ext"
 #: Bottom to top, as in docs/ARCHITECTURE.md; a module may import its own layer and those below.
 LAYERS = [
     ("math",),
-    ("checks", "outputs"),
+    ("checks", "outputs", "allocator"),
     ("nn",),
     ("native",),
     ("geometry",),

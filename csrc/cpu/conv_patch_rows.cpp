@@ -1,9 +1,9 @@
 // CPU kernels of conv_patch_rows and its backward (geometry in ../patch_rows.h, argument checks in
-// ../checks.h). Per sample and output position, every in-grid tap (c, i, j) whose unit has a nonzero
-// slope adds the previous unit's row, scaled by the slope and the tap's weights of all output
-// channels, at the tap's offset inside the output window: O-wide multiply-adds on a transposed
-// [window, O] scratch that stays in cache, no multiplication by the zeros outside the receptive
-// fields. The backward runs the same loops with the incoming gradient, over the units that have one.
+// ../checks.h). Forward: per sample, block of output positions and tap (i, j), one GEMM of the
+// slope-scaled previous rows of the tap's sources with the tap's weights of all output channels,
+// added at the tap's offset inside the block's windows; no multiplication by the zeros outside the
+// receptive fields. The backward runs per-position loops over the in-grid taps (c, i, j) whose unit
+// has a nonzero slope, and over the output units that have a gradient.
 #include "../checks.h"
 #include "../patch_rows.h"
 #include "blas.h"

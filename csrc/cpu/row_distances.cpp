@@ -28,10 +28,26 @@ MMR_ALWAYS_INLINE void add_norm_grad(scalar_t* __restrict__ out, const scalar_t*
   for (int64_t i = 0; i < D; ++i) out[i] += c * norm_grad<scalar_t>(kKind, row[i], n, q, ties);
 }
 
-// The gradient of one row, out[0:D] = sum_k coeff[k] d||row||_qk / d row (out zeroed first).
+// The number of entries of row[0:D] whose magnitude is maxabs.
+template <typename scalar_t>
+MMR_ALWAYS_INLINE int64_t ties_at(const scalar_t* __restrict__ row, int64_t D, scalar_t maxabs) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < D; ++i) count += (row[i] == maxabs) | (row[i] == -maxabs);
+  return count;
+}
+
+// The gradient of one row, out[0:D] = sum_k coeff[k] d||row||_qk / d row (out zeroed first); the
+// l-infinity subgradient is split among the entries at the max (counted when a coefficient of an
+// l-infinity norm is nonzero).
 template <typename scalar_t, typename acc_t>
 MMR_ALWAYS_INLINE void row_gradient(scalar_t* out, const scalar_t* row, int64_t D, const NormSet& norms,
-                                    const acc_t* coeff, const acc_t* n, acc_t ties) {
+                                    const acc_t* coeff, const acc_t* n) {
+  acc_t ties = 1;
+  for (int k = 0; k < norms.count; ++k) {
+    if (coeff[k] != acc_t(0) && norms.kind[k] == NormKind::Linf) {
+      ties = static_cast<acc_t>(ties_at<scalar_t>(row, D, static_cast<scalar_t>(n[k])));
+    }
+  }
   std::fill(out, out + D, scalar_t(0));
   for (int k = 0; k < norms.count; ++k) {
     if (coeff[k] == acc_t(0)) continue;
@@ -51,8 +67,8 @@ struct RowGradient;
 
 #define MMR_ROW_GRADIENT(scalar_t)                                                                              \
   MMR_SIMD_CLONES void row_gradient_##scalar_t(scalar_t* out, const scalar_t* row, int64_t D, const NormSet& norms, \
-                                               const double* coeff, const double* n, double ties) {            \
-    row_gradient<scalar_t, double>(out, row, D, norms, coeff, n, ties);                                         \
+                                               const double* coeff, const double* n) {                         \
+    row_gradient<scalar_t, double>(out, row, D, norms, coeff, n);                                               \
   }                                                                                                             \
   template <>                                                                                                   \
   struct RowGradient<scalar_t> {                                                                                \
@@ -152,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
       for (int64_t t = begin; t < end; ++t) {
         const int64_t br = t / R, r = t % R;
         const int64_t b_begin = Br == 1 ? 0 : br, b_end = Br == 1 ? B : br + 1;
-        bool any = false, need_ties = false;
+        bool any = false;
         for (int k = 0; k < Q; ++k) {
           n[k] = static_cast<acc_t>(np[k * Br * R + t]);
           coeff[k] = 0;
@@ -169,21 +185,12 @@ std::tuple<at::Tensor, at::Tensor> row_distances_backward_cpu(
             coeff[k] -= g * static_cast<acc_t>(dp[i]) / n[k];
           }
           any = any || coeff[k] != acc_t(0);
-          need_ties = need_ties || (coeff[k] != acc_t(0) && norms.kind[k] == NormKind::Linf);
         }
         if (!any) {
           std::fill(grp + t * D, grp + (t + 1) * D, scalar_t(0));
           continue;
         }
-        const scalar_t* row = rp + t * D;
-        acc_t ties = 1;
-        if (need_ties) {
-          acc_t maxabs = 0;
-          for (int k = 0; k < Q; ++k) if (norms.kind[k] == NormKind::Linf) maxabs = n[k];
-          ties = 0;
-          for (int64_t i = 0; i < D; ++i) ties += abs_val(static_cast<acc_t>(row[i])) == maxabs ? acc_t(1) : acc_t(0);
-        }
-        RowGradient<scalar_t>::run(grp + t * D, row, D, norms, coeff, n, ties);
+        RowGradient<scalar_t>::run(grp + t * D, rp + t * D, D, norms, coeff, n);
       }
     });
   });
