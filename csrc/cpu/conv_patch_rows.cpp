@@ -69,35 +69,6 @@ MMR_ALWAYS_INLINE void for_placed_entries(const ConvPatchGeometry& g, int64_t i,
   }
 }
 
-// Calls visit(c, i, j, slope, previous row) for every tap of output position (y, x) of sample b that
-// reads a unit inside the grid with a nonzero slope.
-template <typename scalar_t, typename Visit>
-MMR_ALWAYS_INLINE void for_active_taps(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
-                                       int64_t y, int64_t x, Visit visit) {
-  for (int64_t c = 0; c < g.C; ++c) {
-    for (int64_t i = 0; i < g.kh; ++i) {
-      for (int64_t j = 0; j < g.kw; ++j) {
-        int64_t yp, xp;
-        if (!tap_source(g, y, x, i, j, &yp, &xp)) continue;
-        const scalar_t s = op.slope(b, c, yp, xp);
-        if (s == scalar_t(0)) continue;
-        visit(c, i, j, s, op.prev_row(b, c, yp, xp), yp, xp);
-      }
-    }
-  }
-}
-
-// inside[e]: whether output-window entry e of position (y, x) lies inside the input.
-MMR_ALWAYS_INLINE void inside_entries(const ConvPatchGeometry& g, int64_t y, int64_t x, unsigned char* inside) {
-  const PatchGeometry& w = g.out;
-  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
-  for (int64_t cin = 0, e = 0; cin < w.Cin; ++cin) {
-    for (int64_t u = 0; u < w.Rh; ++u) {
-      for (int64_t v = 0; v < w.Rw; ++v, ++e) inside[e] = u >= us.begin && u < us.end && v >= vs.begin && v < vs.end;
-    }
-  }
-}
-
 // Per tap (i, j) of a block of output positions, the block's in-grid sources: their positions and
 // the slopes times the previous rows, gathered as A^T [C, positions * E'] (row stride `ld`; the
 // previous rows are copied whole), the left operand of the tap's GEMM with the weight block [C, O].
@@ -200,75 +171,127 @@ MMR_ALWAYS_INLINE void sample_rows(const ConvPatchGeometry& g, const ConvPatchOp
   }
 }
 
-// Buffers of one thread for the backward, per output position: the incoming gradient transposed
-// to [E, m] for the m units that have one, their indices, and (when m <= O/2) those units' weights
-// and weight gradients [taps, m]. Units without a gradient cost nothing: after a top-k selection, most.
+// Buffers of one thread for the backward, per block of output positions: the tap operand (as in
+// the forward), the incoming gradient of the m units that have one in the block, transposed to
+// G [positions, E, m], one tap's share of it GT [positions * E', m], those units' weights
+// [C, kh, kw, m] (when m < O), and a tap's weight gradient [C, m] and operand gradient
+// [C, positions * E']. Units without a gradient in a block cost nothing.
 template <typename scalar_t>
 struct GradScratch {
-  std::vector<scalar_t> grad, weight, grad_weight;
+  TapOperand<scalar_t> tap;
+  std::vector<scalar_t> G, GT, weight, grad_weight, grad_operand;
   std::vector<int64_t> units;
-  GradScratch(int64_t E, int64_t O, int64_t taps) : grad(E * O), weight(taps * O), grad_weight(taps * O), units(O) {}
+  GradScratch(const ConvPatchGeometry& g, int64_t block)
+      : G(block * window_size_of(g.out) * g.O), GT(block * prev_window_size_of(g) * g.O),
+        weight(g.C * g.kh * g.kw * g.O), grad_weight(g.C * g.O), grad_operand(g.C * block * prev_window_size_of(g)) {
+    tap.A.resize(g.C * block * prev_window_size_of(g));
+    units.reserve(g.O);
+  }
 };
 
-// The gradients of sample b: grad_out [O, Ho*Wo, E] in; grad_weight_t [C, kh, kw, O] and
-// grad_prev [C, Hp, Wp, E'] accumulated; inside [E].
+// The units o with a nonzero incoming gradient at an in-input entry of a position of [l0, l1).
 template <typename scalar_t>
-MMR_ALWAYS_INLINE void sample_grads(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
-                                    const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_weight_t,
-                                    scalar_t* __restrict__ grad_prev, GradScratch<scalar_t>& buf,
-                                    unsigned char* __restrict__ inside) {
-  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out), Ep = prev_window_size_of(g);
-  const int64_t taps = g.C * g.kh * g.kw;
-  scalar_t* __restrict__ scratch = buf.grad.data();
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t y = l / g.out.W, x = l % g.out.W;
-    inside_entries(g, y, x, inside);
-    int64_t m = 0;
-    for (int64_t o = 0; o < O; ++o) {
+MMR_ALWAYS_INLINE void units_with_gradient(const ConvPatchGeometry& g, const scalar_t* grad_out, int64_t l0, int64_t l1,
+                                           std::vector<int64_t>& units) {
+  const PatchGeometry& w = g.out;
+  const int64_t E = window_size_of(w), L = positions_of(w);
+  units.clear();
+  for (int64_t o = 0; o < g.O; ++o) {
+    bool any = false;
+    for (int64_t l = l0; l < l1 && !any; ++l) {
+      const int64_t y = l / w.W, x = l % w.W;
+      const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
       const scalar_t* row = grad_out + (o * L + l) * E;
-      for (int64_t e = 0; e < E; ++e) {
-        if (inside[e] && row[e] != scalar_t(0)) {
-          buf.units[m++] = o;
-          break;
+      for (int64_t cin = 0; cin < w.Cin && !any; ++cin) {
+        for (int64_t u = us.begin; u < us.end && !any; ++u) {
+          const scalar_t* line = row + (cin * w.Rh + u) * w.Rw;
+          for (int64_t v = vs.begin; v < vs.end; ++v) any = any || line[v] != scalar_t(0);
         }
       }
     }
-    if (m == 0) continue;
-    const bool compact = 2 * m <= O;  // else gathering the weights costs more than the zero rows
-    if (!compact) {
-      m = O;
-      for (int64_t o = 0; o < O; ++o) buf.units[o] = o;
-    }
+    if (any) units.push_back(o);
+  }
+}
+
+// G [positions, E, m]: the incoming gradient of `units` at the windows of [l0, l1), transposed;
+// zero at entries outside the input (the forward sets them to zero: they pass no gradient).
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void transposed_gradient(const ConvPatchGeometry& g, const scalar_t* grad_out, int64_t l0, int64_t l1,
+                                           const std::vector<int64_t>& units, scalar_t* __restrict__ G) {
+  const PatchGeometry& w = g.out;
+  const int64_t E = window_size_of(w), L = positions_of(w), m = static_cast<int64_t>(units.size());
+  std::fill(G, G + (l1 - l0) * E * m, scalar_t(0));
+  for (int64_t l = l0; l < l1; ++l) {
+    const int64_t y = l / w.W, x = l % w.W;
+    const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
+    scalar_t* window = G + (l - l0) * E * m;
     for (int64_t k = 0; k < m; ++k) {
-      const scalar_t* row = grad_out + (buf.units[k] * L + l) * E;
-      for (int64_t e = 0; e < E; ++e) scratch[e * m + k] = inside[e] ? row[e] : scalar_t(0);
+      const scalar_t* __restrict__ row = grad_out + (units[k] * L + l) * E;
+      for (int64_t cin = 0; cin < w.Cin; ++cin) {
+        for (int64_t u = us.begin; u < us.end; ++u) {
+          for (int64_t e = (cin * w.Rh + u) * w.Rw + vs.begin, end = e + vs.end - vs.begin; e < end; ++e) {
+            window[e * m + k] = row[e];
+          }
+        }
+      }
     }
-    const scalar_t* weights = op.weight_t;
-    scalar_t* grad_weights = grad_weight_t;
-    if (compact) {  // the weights of the m units, and their gradients, in [taps, m] blocks
+  }
+}
+
+// The gradients of sample b: grad_out [O, Ho*Wo, E] in; grad_weight_t [C, kh, kw, O] and
+// grad_prev [C, Hp, Wp, E'] accumulated. Per block of positions and tap (i, j), the forward's
+// GEMM transposed twice: weight gradient [C, m] = A^T [C, positions * E'] x GT [positions * E', m],
+// operand gradient [C, positions * E'] = W [C, m] x GT^T, added (times the slopes) onto the
+// previous rows of the tap's sources.
+template <typename scalar_t>
+MMR_ALWAYS_INLINE void sample_grads(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, int64_t b,
+                                    const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_weight_t,
+                                    scalar_t* __restrict__ grad_prev, GradScratch<scalar_t>& buf, int64_t block) {
+  const int64_t O = g.O, E = window_size_of(g.out), L = positions_of(g.out), Ep = prev_window_size_of(g);
+  const int64_t taps = g.C * g.kh * g.kw, ld = block * Ep;
+  for (int64_t l0 = 0; l0 < L; l0 += block) {
+    const int64_t l1 = std::min(L, l0 + block);
+    units_with_gradient<scalar_t>(g, grad_out, l0, l1, buf.units);
+    const int64_t m = static_cast<int64_t>(buf.units.size());
+    if (m == 0) continue;
+    transposed_gradient<scalar_t>(g, grad_out, l0, l1, buf.units, buf.G.data());
+    const scalar_t* weights = op.weight_t;  // [C, kh, kw, m]: all units, or the m with a gradient
+    if (m < O) {
       for (int64_t tap = 0; tap < taps; ++tap) {
         for (int64_t k = 0; k < m; ++k) buf.weight[tap * m + k] = op.weight_t[tap * O + buf.units[k]];
       }
-      std::fill(buf.grad_weight.begin(), buf.grad_weight.begin() + taps * m, scalar_t(0));
       weights = buf.weight.data();
-      grad_weights = buf.grad_weight.data();
     }
-    for_active_taps<scalar_t>(g, op, b, y, x, [&](int64_t c, int64_t i, int64_t j, scalar_t s, const scalar_t* row,
-                                                  int64_t yp, int64_t xp) {
-      const int64_t tap = (c * g.kh + i) * g.kw + j;
-      const scalar_t* w = weights + tap * m;
-      scalar_t* gw = grad_weights + tap * m;
-      scalar_t* gp = grad_prev + ((c * g.Hp + yp) * g.Wp + xp) * Ep;
-      for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) {
-        const scalar_t* ge = scratch + e * m;
-        const scalar_t v = row[ep] * s;
-        if (v != scalar_t(0)) axpy<scalar_t>(gw, ge, v, m);
-        gp[ep] += s * dot<scalar_t>(w, ge, m);
-      });
-    });
-    if (compact) {
-      for (int64_t tap = 0; tap < taps; ++tap) {
-        for (int64_t k = 0; k < m; ++k) grad_weight_t[tap * O + buf.units[k]] += buf.grad_weight[tap * m + k];
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t count = buf.tap.gather(g, op, b, l0, l1, i, j, ld);
+        if (count == 0) continue;
+        for (int64_t p = 0; p < count; ++p) {
+          const scalar_t* window = buf.G.data() + (buf.tap.positions[p] - l0) * E * m;
+          scalar_t* t = buf.GT.data() + p * Ep * m;
+          for_placed_entries(g, i, j, [&](int64_t ep, int64_t e) { std::copy_n(window + e * m, m, t + ep * m); });
+        }
+        const int64_t M = count * Ep, tap = i * g.kw + j;
+        const scalar_t* w = weights + tap * m;  // [C, m], rows of stride kh * kw * m
+        matmul<scalar_t>(false, false, g.C, m, M, buf.tap.A.data(), ld, buf.GT.data(), m, buf.grad_weight.data(), m);
+        for (int64_t c = 0; c < g.C; ++c) {
+          scalar_t* dst = grad_weight_t + (c * g.kh * g.kw + tap) * O;
+          const scalar_t* src = buf.grad_weight.data() + c * m;
+          for (int64_t k = 0; k < m; ++k) dst[buf.units[k]] += src[k];
+        }
+        matmul<scalar_t>(false, true, g.C, M, m, w, g.kh * g.kw * m, buf.GT.data(), m, buf.grad_operand.data(), ld);
+        for (int64_t p = 0; p < count; ++p) {
+          const int64_t l = buf.tap.positions[p];
+          int64_t yp, xp;
+          tap_source(g, l / g.out.W, l % g.out.W, i, j, &yp, &xp);
+          for (int64_t c = 0; c < g.C; ++c) {
+            const scalar_t s = op.slope(b, c, yp, xp);
+            if (s == scalar_t(0)) continue;
+            scalar_t* __restrict__ gp = grad_prev + ((c * g.Hp + yp) * g.Wp + xp) * Ep;
+            const scalar_t* __restrict__ src = buf.grad_operand.data() + c * ld + p * Ep;
+            for (int64_t ep = 0; ep < Ep; ++ep) gp[ep] += s * src[ep];
+          }
+        }
       }
     }
   }
@@ -284,9 +307,8 @@ struct SampleKernels;
   }                                                                                                               \
   MMR_SIMD_CLONES void sample_grads_##scalar_t(const ConvPatchGeometry& g, const ConvPatchOperands<scalar_t>& op, \
                                                int64_t b, const scalar_t* grad_out, scalar_t* grad_weight_t,      \
-                                               scalar_t* grad_prev, GradScratch<scalar_t>& buf,                   \
-                                               unsigned char* inside) {                                           \
-    sample_grads<scalar_t>(g, op, b, grad_out, grad_weight_t, grad_prev, buf, inside);                            \
+                                               scalar_t* grad_prev, GradScratch<scalar_t>& buf, int64_t block) {  \
+    sample_grads<scalar_t>(g, op, b, grad_out, grad_weight_t, grad_prev, buf, block);                             \
   }                                                                                                               \
   template <>                                                                                                     \
   struct SampleKernels<scalar_t> {                                                                                \
@@ -343,16 +365,16 @@ std::tuple<at::Tensor, at::Tensor> conv_patch_rows_backward_cpu(
     scalar_t* gprev = grad_prev.data_ptr<scalar_t>();
     // per-thread weight gradients (and, for rows shared by the samples, previous-row gradients)
     const int threads = at::get_num_threads();
+    const int64_t block = position_block(g, sizeof(scalar_t));
     std::vector<std::vector<scalar_t>> weight_parts(threads), prev_parts(Bp == 1 ? threads : 0);
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       const int t = at::get_thread_num();
       weight_parts[t].resize(taps * g.O, scalar_t(0));
       if (Bp == 1) prev_parts[t].resize(prev_numel, scalar_t(0));
-      GradScratch<scalar_t> buf(E, g.O, taps);
-      std::vector<unsigned char> inside(E);
+      GradScratch<scalar_t> buf(g, block);
       for (int64_t b = begin; b < end; ++b) {
         scalar_t* gprev_b = Bp == 1 ? prev_parts[t].data() : gprev + b * prev_numel;
-        SampleKernels<scalar_t>::grads(g, op, b, gp + b * g.O * L * E, weight_parts[t].data(), gprev_b, buf, inside.data());
+        SampleKernels<scalar_t>::grads(g, op, b, gp + b * g.O * L * E, weight_parts[t].data(), gprev_b, buf, block);
       }
     });
     scalar_t* gw = grad_weight_t.data_ptr<scalar_t>();

@@ -51,25 +51,4 @@ MMR_ALWAYS_INLINE void add_run(scalar_t* __restrict__ y, const scalar_t* __restr
   for (; i < n; ++i) y[i] += x[i];
 }
 
-// y[0:n] += a * x[0:n]
-template <typename scalar_t>
-MMR_ALWAYS_INLINE void axpy(scalar_t* __restrict__ y, const scalar_t* __restrict__ x, scalar_t a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// sum x[0:n] * y[0:n], in independent lanes so that the loop vectorizes
-template <typename scalar_t>
-MMR_ALWAYS_INLINE scalar_t dot(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  scalar_t lane[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lane[j] += x[i + j] * y[i + j];
-  }
-  scalar_t sum = 0;
-  for (; i < n; ++i) sum += x[i] * y[i];
-  for (int64_t j = 0; j < kLanes; ++j) sum += lane[j];
-  return sum;
-}
-
 }  // namespace mmr
