@@ -2,8 +2,8 @@
 // ../checks.h). Forward: per sample, block of output positions and tap (i, j), one GEMM of the
 // slope-scaled previous rows of the tap's sources with the tap's weights of all output channels,
 // added at the tap's offset inside the block's windows; no multiplication by the zeros outside the
-// receptive fields. The backward runs per-position loops over the in-grid taps (c, i, j) whose unit
-// has a nonzero slope, and over the output units that have a gradient.
+// receptive fields. The backward transposes those GEMMs (weight and previous-row gradients), per
+// block over the output units that have a gradient in it.
 #include "../checks.h"
 #include "../patch_rows.h"
 #include "blas.h"
@@ -69,6 +69,25 @@ MMR_ALWAYS_INLINE void for_placed_entries(const ConvPatchGeometry& g, int64_t i,
   }
 }
 
+// Calls visit(begin, end) for every run [begin, end) of window entries of position (y, x) that lie
+// inside the input (one run per input channel and window row).
+template <typename Visit>
+MMR_ALWAYS_INLINE void for_inside_runs(const PatchGeometry& w, int64_t y, int64_t x, Visit visit) {
+  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
+  for (int64_t cin = 0; cin < w.Cin; ++cin) {
+    for (int64_t u = us.begin; u < us.end; ++u) {
+      const int64_t e = (cin * w.Rh + u) * w.Rw;
+      visit(e + vs.begin, e + vs.end);
+    }
+  }
+}
+
+// Whether some window entry of position (y, x) lies outside the input.
+MMR_ALWAYS_INLINE bool crosses_border(const PatchGeometry& w, int64_t y, int64_t x) {
+  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
+  return us.begin != 0 || us.end != w.Rh || vs.begin != 0 || vs.end != w.Rw;
+}
+
 // Per tap (i, j) of a block of output positions, the block's in-grid sources: their positions and
 // the slopes times the previous rows, gathered as A^T [C, positions * E'] (row stride `ld`; the
 // previous rows are copied whole), the left operand of the tap's GEMM with the weight block [C, O].
@@ -122,22 +141,16 @@ inline int64_t position_block(const ConvPatchGeometry& g, int64_t element_size) 
 template <typename scalar_t>
 MMR_ALWAYS_INLINE void write_window(const ConvPatchGeometry& g, int64_t y, int64_t x, const scalar_t* __restrict__ window,
                                     scalar_t* __restrict__ out, int64_t stride) {
-  const PatchGeometry& w = g.out;
-  const int64_t O = g.O, E = window_size_of(w);
-  const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
-  if (us.begin != 0 || us.end != w.Rh || vs.begin != 0 || vs.end != w.Rw) {
+  const int64_t O = g.O, E = window_size_of(g.out);
+  if (crosses_border(g.out, y, x)) {
     for (int64_t o = 0; o < O; ++o) std::fill(out + o * stride, out + o * stride + E, scalar_t(0));
   }
   for (int64_t o = 0; o < O; ++o) {
     scalar_t* __restrict__ row = out + o * stride;
     const scalar_t* __restrict__ column = window + o;
-    for (int64_t cin = 0; cin < w.Cin; ++cin) {
-      for (int64_t u = us.begin; u < us.end; ++u) {
-        for (int64_t e = (cin * w.Rh + u) * w.Rw + vs.begin, end = e + vs.end - vs.begin; e < end; ++e) {
-          row[e] = column[e * O];
-        }
-      }
-    }
+    for_inside_runs(g.out, y, x, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) row[e] = column[e * O];
+    });
   }
 }
 
@@ -199,15 +212,10 @@ MMR_ALWAYS_INLINE void units_with_gradient(const ConvPatchGeometry& g, const sca
   for (int64_t o = 0; o < g.O; ++o) {
     bool any = false;
     for (int64_t l = l0; l < l1 && !any; ++l) {
-      const int64_t y = l / w.W, x = l % w.W;
-      const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
       const scalar_t* row = grad_out + (o * L + l) * E;
-      for (int64_t cin = 0; cin < w.Cin && !any; ++cin) {
-        for (int64_t u = us.begin; u < us.end && !any; ++u) {
-          const scalar_t* line = row + (cin * w.Rh + u) * w.Rw;
-          for (int64_t v = vs.begin; v < vs.end; ++v) any = any || line[v] != scalar_t(0);
-        }
-      }
+      for_inside_runs(w, l / w.W, l % w.W, [&](int64_t begin, int64_t end) {
+        any = any || std::any_of(row + begin, row + end, [](scalar_t v) { return v != scalar_t(0); });
+      });
     }
     if (any) units.push_back(o);
   }
@@ -222,18 +230,12 @@ MMR_ALWAYS_INLINE void transposed_gradient(const ConvPatchGeometry& g, const sca
   const int64_t E = window_size_of(w), L = positions_of(w), m = static_cast<int64_t>(units.size());
   std::fill(G, G + (l1 - l0) * E * m, scalar_t(0));
   for (int64_t l = l0; l < l1; ++l) {
-    const int64_t y = l / w.W, x = l % w.W;
-    const Span us = inside_span(y * w.Sh - w.Ph, w.Rh, w.Hin), vs = inside_span(x * w.Sw - w.Pw, w.Rw, w.Win);
     scalar_t* window = G + (l - l0) * E * m;
     for (int64_t k = 0; k < m; ++k) {
       const scalar_t* __restrict__ row = grad_out + (units[k] * L + l) * E;
-      for (int64_t cin = 0; cin < w.Cin; ++cin) {
-        for (int64_t u = us.begin; u < us.end; ++u) {
-          for (int64_t e = (cin * w.Rh + u) * w.Rw + vs.begin, end = e + vs.end - vs.begin; e < end; ++e) {
-            window[e * m + k] = row[e];
-          }
-        }
-      }
+      for_inside_runs(w, l / w.W, l % w.W, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) window[e * m + k] = row[e];
+      });
     }
   }
 }
