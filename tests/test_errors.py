@@ -7,6 +7,7 @@ from torch import nn
 
 import mmr_ext
 from mmr_ext.nn.chain import parse_model
+from mmr_ext.nn.layers import Scale
 from oracles import make_model
 
 APIS = [mmr_ext.region_distances, mmr_ext.region_distances_reference]
@@ -44,8 +45,10 @@ def test_structural_errors():
         def forward(self, x):
             return x
 
-    with pytest.raises(ValueError, match="must be a torch.nn.Sequential.*Net"):
+    with pytest.raises(ValueError, match="no affine layers"):
         parse_model(Net())
+    with pytest.raises(ValueError, match="must be a torch.nn.Module, got function"):
+        parse_model(lambda x: x)
     with pytest.raises(ValueError, match="ends with the activation '1'"):
         parse_model(nn.Sequential(nn.Linear(3, 2), nn.ReLU()))
     with pytest.raises(ValueError, match="two activations in a row"):
@@ -146,26 +149,41 @@ class _Doubled(nn.Linear):
         return 2 * super().forward(x)
 
 
+def _as_plain_linear(layer: nn.Linear) -> nn.Linear:
+    plain = nn.Linear(layer.in_features, layer.out_features)
+    plain.weight, plain.bias = layer.weight, layer.bias
+    return plain
+
+
 class _Plain(nn.Sequential):  # a subclass that keeps Sequential's forward is fine
     pass
 
 
-@pytest.mark.parametrize("build", [
-    lambda: _Negated(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
-    lambda: nn.Sequential(_Negated(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2)),
-    lambda: nn.Sequential(_Doubled(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+@pytest.mark.parametrize("build, twin", [
+    (lambda: _Negated(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), lambda m: nn.Sequential(*m, Scale(-1.0))),
+    (lambda: nn.Sequential(_Negated(nn.Linear(3, 4)), nn.ReLU(), nn.Linear(4, 2)),
+     lambda m: nn.Sequential(m[0][0], Scale(-1.0), *m[1:])),
+    (lambda: nn.Sequential(_Doubled(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+     lambda m: nn.Sequential(_as_plain_linear(m[0]), Scale(2.0), *m[1:])),
 ])
-def test_modules_that_override_forward_are_refused_not_analysed_as_their_base(build):
+def test_modules_that_override_forward_are_analysed_as_their_forward(build, twin):
     """Analysing the plain layer chain of a model whose forward computes something else gave
-    certificates for the wrong function (a positive radius at a point the model misclassifies)."""
+    certificates for the wrong function (a positive radius at a point the model misclassifies);
+    such models are now traced."""
     torch.manual_seed(0)
     model = build().double().eval()
+    reference = twin(model).double()
     x = torch.rand(4, 3, dtype=torch.float64)
+    assert torch.equal(model(x), reference(x))
     y = model(x).argmax(1)
-    for api in (lambda: mmr_ext.certify(model, x, y), lambda: mmr_ext.region_distances(model, x, 2),
-                lambda: mmr_ext.margin_bounds(model, x, y, norm=2, eps=0.1)):
-        with pytest.raises(NotImplementedError, match="overrides forward"):
-            api()
+    cert, expected = mmr_ext.certify(model, x, y), mmr_ext.certify(reference, x, y)
+    assert torch.equal(cert.correct, expected.correct)
+    for p in expected.radius:
+        torch.testing.assert_close(cert.radius[p], expected.radius[p], rtol=1e-10, atol=0)
+    for a, b in zip(mmr_ext.region_distances(model, x, 2), mmr_ext.region_distances_reference(reference, x, 2)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+    torch.testing.assert_close(mmr_ext.margin_bounds(model, x, y, norm=2, eps=0.1),
+                               mmr_ext.margin_bounds(reference, x, y, norm=2, eps=0.1), rtol=1e-10, atol=1e-12)
 
 
 def test_sequential_subclass_without_its_own_forward_is_analysed():

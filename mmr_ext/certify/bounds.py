@@ -122,7 +122,7 @@ class BoundedNetwork:
             if not 0.0 <= s <= 1.0:
                 raise NotImplementedError(f"hidden activation {i} has negative_slope {s}: bound "
                                           "propagation supports ReLU and LeakyReLU with slope in [0, 1]")
-        self.model = model64
+        self.model = chain.as_sequential()
         self.slopes: Tuple[float, ...] = chain.slopes
         self.device = example.device
         blocks: List[_Block] = []

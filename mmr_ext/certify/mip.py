@@ -101,8 +101,8 @@ class _Encoder:
             b = net.blocks[k].bias.cpu().numpy()
             l, u = (t[0].cpu().numpy() for t in bounds[k])
             s = net.slopes[k]
-            active = l >= 0
             dead = u <= 0
+            active = (l >= 0) & ~dead  # a unit fixed at 0 (l = u = 0) counts as dead: no variable
             unstable = ~active & ~dead
             keep = np.nonzero(~(dead & (s == 0)))[0]
             a_idx = n_vars + np.arange(keep.size)

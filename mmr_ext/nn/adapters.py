@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Normalize
+from .layers import FlattenTo, Normalize, Scale
 
 Shape = Tuple[int, ...]
 
@@ -206,6 +206,8 @@ ADAPTERS: Dict[Type[nn.Module], LayerAdapter] = {
     nn.BatchNorm1d: BatchNormAdapter(),
     nn.BatchNorm2d: BatchNormAdapter(),
     Normalize: ScaleAdapter(lambda layer: 1.0 / layer.std),
+    Scale: ScaleAdapter(lambda layer: layer.factor),
+    FlattenTo: FlattenAdapter(),
 }
 
 

@@ -1,4 +1,4 @@
-"""Parsing of an ``nn.Sequential`` into a chain of affine blocks and ReLU-type activations.
+"""Parsing of a model into a chain of affine blocks and ReLU-type activations.
 
 docs/MATH.md §1: a network is ``f(l) = A_l(g(l-1))``, ``g(l) = act(f(l))`` for hidden layers l = 1..L and
 logits ``f(L+1) = A_{L+1}(g(L))``. Consecutive affine layers fold into one block, so they add no
@@ -12,10 +12,9 @@ from typing import Iterator, List, Tuple
 import torch
 from torch import nn
 
-from .adapters import ADAPTERS, adapter_for, adapter_of
+from .adapters import adapter_for, adapter_of
+from .trace import ACTIVATIONS, LAYERS, SKIPPED, needs_tracing, traced_layers
 
-_SKIPPED = (nn.Identity, nn.Dropout)
-_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
 
 
 @dataclass(frozen=True)
@@ -56,32 +55,26 @@ class Chain:
     def logits_block(self) -> AffineBlock:
         return self.blocks[-1]
 
+    def as_sequential(self) -> nn.Sequential:
+        """The plain ``nn.Sequential`` of the chain's layers (the same modules): computes what the
+        parsed model computes, and pickles without the model's class (e.g. for worker processes)."""
+        layers: List[nn.Module] = []
+        for block, slope in self.hidden:
+            layers += list(block.layers) + [nn.ReLU() if slope == 0 else nn.LeakyReLU(slope)]
+        return nn.Sequential(*layers, *self.logits_block.layers)
+
 
 def activation_mask(f: torch.Tensor, slope: float) -> torch.Tensor:
     """Diagonal of Σ(l): 1 where f > 0, else the negative-side slope (0 for ReLU)."""
     return torch.where(f > 0, torch.ones_like(f), torch.full_like(f, slope))
 
 
-def _check_forward(path: str, module: nn.Module, kinds: Tuple[type, ...]) -> None:
-    """Refuses a module whose class overrides the forward of the supported type it derives from:
-    what is analysed must be the function the model computes (docs/MATH.md §12)."""
-    base = next((k for k in type(module).__mro__ if k in kinds), None)
-    if base is not None and type(module).forward is not base.forward:
-        where = "the model" if not path else f"layer '{path}'"
-        raise NotImplementedError(
-            f"{where} ({type(module).__name__}) subclasses {base.__name__} but overrides forward: mmr_ext "
-            f"would analyse the plain {base.__name__} instead of what your forward computes; use the "
-            "plain layer types (a traced analysis of custom forwards is not supported yet)")
-
-
-def _leaves(module: nn.Module, prefix: str) -> Iterator[Tuple[str, nn.Module]]:
+def _leaves(module: nn.Sequential, prefix: str) -> Iterator[Tuple[str, nn.Module]]:
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(child, nn.Sequential):
-            _check_forward(path, child, (nn.Sequential,))
             yield from _leaves(child, path)
         else:
-            _check_forward(path, child, _SKIPPED + _ACTIVATIONS + tuple(ADAPTERS))
             yield path, child
 
 
@@ -96,26 +89,29 @@ def _check_layer(path: str, layer: nn.Module) -> None:
 
 
 def parse_model(model: nn.Module) -> Chain:
-    """Turns a supported ``nn.Sequential`` (nested Sequentials allowed) into a :class:`Chain`.
+    """Turns a supported model into a :class:`Chain`: an ``nn.Sequential`` of plain layers
+    (nested Sequentials allowed) by its layers, any other module by the chain of layers its
+    traced forward computes (:func:`mmr_ext.nn.trace.traced_layers`).
 
-    Raises ``NotImplementedError`` naming the layer and its position for unsupported layers
-    (MaxPool, Sigmoid, ..., and subclasses of supported types that override ``forward``) and ``ValueError`` for unusable configurations (not a Sequential,
-    train-mode BatchNorm/Dropout, a network that does not end with an affine layer).
+    Raises ``NotImplementedError`` naming the layer (or the graph node and source line) of
+    unsupported operations (MaxPool, Sigmoid, residual additions, ...) and ``ValueError`` for
+    unusable configurations (not a module, train-mode BatchNorm/Dropout, a network that does not
+    end with an affine layer).
     """
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"model must be a torch.nn.Sequential of supported layers, got "
-                         f"{type(model).__name__}")
-    _check_forward("", model, (nn.Sequential,))
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plain = isinstance(model, nn.Sequential) and not needs_tracing(model)
+    leaves = _leaves(model, "") if plain else traced_layers(model)
     blocks: List[AffineBlock] = []
     slopes: List[float] = []
     layers: List[nn.Module] = []
     names: List[str] = []
     last_activation = None
-    for path, layer in _leaves(model, ""):
-        if isinstance(layer, _SKIPPED):
+    for path, layer in leaves:
+        if isinstance(layer, SKIPPED):
             _check_layer(path, layer)
             continue
-        if isinstance(layer, _ACTIVATIONS):
+        if isinstance(layer, ACTIVATIONS):
             if not layers and last_activation is not None:
                 raise ValueError(f"layer '{path}' ({type(layer).__name__}) directly follows the "
                                  f"activation '{last_activation}': two activations in a row are not "
@@ -126,9 +122,7 @@ def parse_model(model: nn.Module) -> Chain:
             continue
         if adapter_for(layer) is None:
             raise NotImplementedError(
-                f"layer '{path}' ({type(layer).__name__}) is not supported: mmr_ext handles "
-                "Linear, Conv2d, AvgPool2d, eval-mode BatchNorm1d/2d, Flatten, Identity, "
-                "eval-mode Dropout, mmr_ext.Normalize, ReLU and LeakyReLU")
+                f"layer '{path}' ({type(layer).__name__}) is not supported: mmr_ext handles {LAYERS}")
         _check_layer(path, layer)
         layers.append(layer)
         names.append(path)

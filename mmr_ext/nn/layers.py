@@ -1,7 +1,9 @@
-"""Layers that mmr_ext adds to the ones torch provides (input normalisation: docs/MATH.md §1)."""
+"""Layers that mmr_ext adds to the ones torch provides: input normalisation (docs/MATH.md §1) and
+the layers a traced forward's functional calls become (:mod:`mmr_ext.nn.trace`)."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+import math
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -42,3 +44,40 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class Scale(nn.Module):
+    """Multiplication by a constant number (``c * x``, ``x / c``, ``-x`` in a traced forward): an
+    affine layer folded into its neighbours like :class:`Normalize`."""
+
+    def __init__(self, factor: float, dtype: Optional[torch.dtype] = None, device=None):
+        super().__init__()
+        if not math.isfinite(factor):
+            raise ValueError(f"Scale: the factor must be finite, got {factor}")
+        self.register_buffer("factor", torch.tensor(float(factor), dtype=dtype or torch.get_default_dtype(),
+                                                    device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor.item()}"
+
+
+class FlattenTo(nn.Flatten):
+    """``x.view(-1, n)`` in a traced forward: ``flatten(1)``, checked to give n features per sample
+    (any other n would mix samples)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = int(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if out.shape[1] != self.features:
+            raise ValueError(f"the model views its {out.shape[1]} features per sample as rows of {self.features}: "
+                             "that mixes samples, and mmr_ext analyses per-sample networks only")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"

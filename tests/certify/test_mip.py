@@ -155,3 +155,29 @@ def test_linear_model_matches_box_distance(p):
         if res.status == "falsified":
             check_counterexample(model, x[i], y[i], res, p, eps)
     assert decided >= 10
+
+
+@pytest.mark.parametrize("p", [1, INF])
+def test_units_fixed_at_zero_are_encoded(p):
+    """A bias-free unit that reads only dead units has bounds l = u = 0 (both 'active' and 'dead'):
+    its encoding raised a KeyError. Verdicts against the grid, as in the tests above."""
+    model = net2(2)
+    hidden = nn.Linear(12, 10, bias=False).double()
+    with torch.no_grad():
+        model[0].weight[:4] = 0.0
+        model[0].bias[:4] = -1.0  # units 0-3 of the first layer are dead on the whole box
+        hidden.weight.copy_(model[2].weight)
+        hidden.weight[:3, 4:] = 0.0  # units 0-2 of the second layer read only the dead ones
+    model[2] = hidden
+    x = torch.rand(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    results = verify_mip(model, x, y, norm=p, eps=0.3, time_limit=30)
+    with torch.no_grad():
+        grid_margins = margins(model(GRID).expand(x.shape[0], -1, -1).reshape(-1, 3),
+                               y.repeat_interleave(GRID.shape[0]))
+    for b, r in enumerate(results):
+        inside = distance(GRID, x[b].expand_as(GRID), p) <= 0.3 - 2 * H
+        broken = bool((grid_margins.reshape(x.shape[0], -1)[b][inside] < 0).any())
+        assert r.status == ("falsified" if broken else "verified")
+        if broken:
+            check_counterexample(model, x[b], y[b], r, p, 0.3)
