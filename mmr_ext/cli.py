@@ -60,7 +60,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="mnist5k",
                    help="mnist5k (bundled, default), mnist, fmnist, gtsrb, cifar10")
     g.add_argument("--data-dir", metavar="DIR", help="folder with the dataset files (all but mnist5k)")
-    g.add_argument("--model", default="cnn", help="fc1, fc10, cnn (default), large")
+    g.add_argument("--model", default="cnn",
+                   help="fc1, fc10, cnn (default), large, or your own network's builder "
+                        "'package.module:function' or 'path/to/file.py:function', called as "
+                        "function(in_shape, num_classes) and recorded in the checkpoint")
     g.add_argument("--train-subset", type=int, metavar="N", help="train on the first N training points")
     g.add_argument("--test-subset", type=int, metavar="N", help="evaluate on the first N test points")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,

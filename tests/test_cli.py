@@ -64,6 +64,9 @@ def test_missing_subcommand(capsys):
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/mmr"], ["--data-dir", "not a directory"]),
     (["train", "--dataset", "svhn"], ["--dataset", "unknown dataset"]),
     (["train", "--model", "vgg"], ["--model", "vgg"]),
+    (["train", "--model", "/nonexistent/net.py:build"], ["--model", "does not exist"]),
+    (["train", "--model", "no_such_package.nets:build"], ["--model", "cannot be imported"]),
+    (["train", "--model", "json:no_such_builder"], ["--model", "has no function 'no_such_builder'"]),
     (["train", "--lam", "3"], ["--lam", "2 value(s)"]),
     (["train", "--mode", "mmr", "--p", "3"], ["--p", "1, 2, inf"]),
     (["train", "--epochs", "ten"], ["--epochs", "invalid int value"]),
@@ -104,6 +107,49 @@ def test_tiny_run_prints_summary_and_writes_outputs(tmp_path, capsys):
     assert cli.main(argv + ["--resume", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "test error:" in out and "epoch" not in out.split("MMR-Universal")[0]
+
+
+USER_NETWORK = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2, 4, stride=4)
+        self.fc = nn.Linear(2 * 7 * 7, 12)
+        self.out = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).flatten(1)
+        return self.out(F.relu(self.fc(x)))
+
+
+def build(in_shape, num_classes):
+    return Net(in_shape[0], num_classes)
+"""
+
+
+def test_train_and_evaluate_a_network_from_the_users_file(tmp_path, capsys, monkeypatch):
+    """--model path/to/file.py:function trains a class model (traced); the checkpoint records the
+    builder with an absolute path, so evaluate rebuilds it from another working directory."""
+    (tmp_path / "nets").mkdir()
+    (tmp_path / "nets" / "mynet.py").write_text(USER_NETWORK)
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "run"
+    argv = ["train", "--model", "nets/mynet.py:build", "--epochs", "1", "--batch-size", "32", "--train-subset",
+            "64", "--test-subset", "20", "--cert-points", "5", "--eval-points", "5", "--out-dir", str(out_dir),
+            "--no-progress", "--threads", "1"]
+    assert cli.main(argv) == 0
+    assert "MMR-Universal build on mnist5k" in capsys.readouterr().out
+    ckpt = torch.load(out_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["model_name"] == f"{tmp_path / 'nets' / 'mynet.py'}:build"
+    monkeypatch.chdir(out_dir)
+    args = parse_evaluate([str(out_dir / "checkpoint.pt"), "--n-points", "3", "--attack-steps", "2", "--fmn-steps",
+                           "2", "--norms", "inf", "--out", str(out_dir / "eval.json"), "--no-progress"])
+    assert cli.run_evaluate(args) == 0
+    assert json.loads((out_dir / "eval.json").read_text())["n"] == 3
 
 
 def test_resume_missing_checkpoint_is_an_error(tmp_path, capsys):

@@ -10,16 +10,23 @@
 Every builder takes the input shape (C, H, W) and the number of classes K, and optionally
 ``normalize=(mean, std)`` to prepend a :class:`mmr_ext.nn.layers.Normalize` layer (per-channel
 constants or scalars), so the network still takes images in [0, 1].
+
+Any other architecture is named by its builder, ``'package.module:function'`` or
+``'path/to/file.py:function'`` (:func:`build_model`).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .layers import Normalize
 
-__all__ = ["MODELS", "build_model", "fc1", "fc10", "cnn", "large"]
+__all__ = ["MODELS", "build_model", "builder_of", "resolve_model_name", "short_model_name", "fc1", "fc10", "cnn", "large"]
 
 Shape = Tuple[int, int, int]
 NormSpec = Optional[Tuple[object, object]]
@@ -121,11 +128,74 @@ MODELS: Dict[str, Callable[..., nn.Sequential]] = {
     "fc1": fc1, "fc10": fc10, "cnn": cnn, "large": large}
 
 
+def resolve_model_name(name: str) -> str:
+    """The canonical form of a model name: a zoo name in lower case, ``package.module:function``
+    as given, ``path/to/file.py:function`` with the file's absolute path (so that a checkpoint
+    rebuilds the model from any working directory). Raises ValueError when it names nothing."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model must be a zoo name ({', '.join(MODELS)}) or 'module:function', got {name!r}")
+    name = name.strip()
+    if ":" not in name:
+        if name.lower() not in MODELS:
+            raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}, or a builder "
+                             "'package.module:function' / 'path/to/file.py:function'")
+        return name.lower()
+    source, _, function = name.rpartition(":")
+    if source.endswith(".py"):
+        source = str(Path(source).expanduser().resolve())
+    name = f"{source}:{function}"
+    builder_of(name)
+    return name
+
+
+def short_model_name(name: str) -> str:
+    """The name of a (canonical) model name for folders and titles: the builder function's name
+    for a user builder."""
+    return name.rpartition(":")[2]
+
+
+def builder_of(name: str) -> Callable[..., nn.Module]:
+    """The builder a model name stands for: a zoo builder, or ``function`` of the module or
+    Python file before the colon, called as ``function(in_shape, num_classes)``."""
+    if ":" not in name:
+        return MODELS[name.lower()]
+    source, _, function = name.rpartition(":")
+    if source.endswith(".py"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"model builder file '{source}' does not exist")
+        spec = importlib.util.spec_from_file_location(f"mmr_ext_user_model_{abs(hash(str(path.resolve())))}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # classes defined there pickle by this name
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            raise ValueError(f"model builder file '{source}' failed to import: {type(error).__name__}: {error}") from None
+    else:
+        try:
+            module = importlib.import_module(source)
+        except Exception as error:
+            raise ValueError(f"model builder module '{source}' cannot be imported: {type(error).__name__}: "
+                             f"{error}") from None
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise ValueError(f"model builder '{name}': '{source}' has no function '{function}'")
+    return builder
+
+
 def build_model(name: str, in_shape: Sequence[int], num_classes: int, *,
-                normalize: NormSpec = None) -> nn.Sequential:
-    """Build the architecture ``name`` (one of :data:`MODELS`, case-insensitive) for inputs of
-    shape ``in_shape`` (C, H, W) and ``num_classes`` classes."""
-    key = name.strip().lower() if isinstance(name, str) else None
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    return MODELS[key](in_shape, num_classes, normalize=normalize)
+                normalize: NormSpec = None) -> nn.Module:
+    """Build the architecture ``name`` for inputs of shape ``in_shape`` (C, H, W) and
+    ``num_classes`` classes: one of :data:`MODELS` (case-insensitive), or a user builder
+    ``'package.module:function'`` / ``'path/to/file.py:function'`` called as
+    ``function(in_shape, num_classes)`` that returns an ``nn.Module`` (analysed as traced,
+    :mod:`mmr_ext.nn.trace`); ``normalize`` is for the zoo builders only."""
+    name = resolve_model_name(name)
+    if ":" not in name:
+        return MODELS[name](in_shape, num_classes, normalize=normalize)
+    if normalize is not None:
+        raise ValueError(f"normalize applies to the zoo models, not to the builder '{name}'")
+    model = builder_of(name)(tuple(in_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model builder '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ..math.norms import norm_key, parse_norm
-from ..nn.zoo import MODELS
+from ..nn.zoo import resolve_model_name, short_model_name
 from ..outputs import OutputError, check_output_dir
 from .data import dataset_info
 from .schedules import SCHEDULE_UNITS
@@ -258,9 +258,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         c.data_dir = str(c.data_dir)
         if not info.bundled and not Path(c.data_dir).expanduser().is_dir():
             raise ConfigError("data_dir", f"'{c.data_dir}' is not a directory")
-    if not isinstance(c.model, str) or c.model.strip().lower() not in MODELS:
-        raise ConfigError("model", f"must be one of {', '.join(MODELS)}, got {c.model!r}")
-    c.model = c.model.strip().lower()
+    try:
+        c.model = resolve_model_name(c.model)
+    except ValueError as exc:
+        raise ConfigError("model", str(exc)) from None
 
     ds = DATASET_DEFAULTS[info.name]
     preset = c.preset if c.preset != "auto" else ds["preset"]
@@ -364,7 +365,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             c.out_dir = str(Path(c.resume).expanduser().parent)
         else:
             tag = c.mode + (f"-l{c.p}" if mmr_like else "") + (f"-at{c.at_norm}" if c.at_norm else "")
-            c.out_dir = str(Path("results") / f"{info.name}-{tag}-{c.model}")
+            c.out_dir = str(Path("results") / f"{info.name}-{tag}-{short_model_name(c.model)}")
     c.out_dir = str(c.out_dir)
     try:  # before any work: a folder that exists or can be created, and is writable
         check_output_dir(c.out_dir)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ..geometry.sparsity import RECORD
-from ..nn.zoo import build_model
+from ..nn.zoo import build_model, short_model_name
 from ..outputs import atomic_write_text, writing
 from .checkpoint import (CheckpointError, build_from_checkpoint, config_differences, describe_differences,
                          load_checkpoint, save_checkpoint)
@@ -175,14 +175,14 @@ def _train(c: TrainConfig, d: Dist) -> TrainResult:
     progress = RunProgress({"train": (c.epochs - start_epoch) * steps, "certify": 3 * cert_epochs * cert_x.shape[0],
                             "evaluate": n_eval, "curves": 5 * n_eval if c.curves else 0},
                            guesses={"certify": 0.2, "evaluate": 1.0, "curves": 0.25},
-                           enabled=c.progress and d.main, desc=f"{c.mode} {c.model}")
+                           enabled=c.progress and d.main, desc=f"{c.mode} {short_model_name(c.model)}")
     if c.verbose and d.main:
         say = progress.write
 
     try:
         train_time = sum(r.get("time_s", 0.0) for r in history)
         if start_epoch == 0:
-            say(f"training {c.mode} {c.model} on {c.dataset} ({x_train.shape[0]} train / {x_test.shape[0]} test "
+            say(f"training {c.mode} {short_model_name(c.model)} on {c.dataset} ({x_train.shape[0]} train / {x_test.shape[0]} test "
                 f"points, preset {c.preset}) for {c.epochs} epochs of {steps} steps, batch {c.batch_size}"
                 + (f" over {d.world} processes" if d.world > 1 else "") + f" on {d.device}; output in '{out_dir}'")
         for epoch in range(start_epoch, c.epochs):

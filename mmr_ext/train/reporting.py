@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..math.norms import norm_name, parse_norm
+from ..nn.zoo import short_model_name
 from ..outputs import atomic_write_png, atomic_write_text
 from .config import NORMS
 
@@ -133,7 +134,7 @@ def format_summary(s: Dict[str, Any]) -> str:
     mode = {"universal": "MMR-Universal", "mmr": f"MMR-l{s.get('p')}", "plain": "plain",
             "at": f"AT-{s.get('at_norm')}", "mmr+at": f"MMR-l{s.get('p')}+AT-{s.get('at_norm')}"}[s["mode"]]
     wall = f", {s['wall_time_s']:.0f} s wall time in this invocation" if "wall_time_s" in s else ""
-    lines = [f"{mode} {s['model']} on {s['dataset']}: {s['epochs']} epochs, training time {s['train_time_s']:.0f} s"
+    lines = [f"{mode} {short_model_name(s['model'])} on {s['dataset']}: {s['epochs']} epochs, training time {s['train_time_s']:.0f} s"
              + wall,
              f"test error: {100 * s['test_error']:.2f}% ({s['test_points']} test points)"]
     table = s.get("eval")
