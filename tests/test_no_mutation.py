@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mmr_ext
@@ -50,6 +51,22 @@ def _model():
     return model
 
 
+class _Traced(nn.Module):
+    """The same network written as a class with functional ReLU and dropout (analysed as traced)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        conv, bn, _, _, _, fc, bn1, _, drop, out = self.layers
+        x = F.dropout(F.relu(bn(conv(x))), 0.25, self.training).flatten(1)
+        return out(drop(torch.relu(bn1(fc(x)))))
+
+
+BUILDERS = {"sequential": _model, "traced": lambda: _Traced(_model())}
+
+
 def _set_mode(model, mode):
     if mode == "eval":
         model.eval()
@@ -70,10 +87,11 @@ def _snapshot(model):
             [p.grad is None for p in model.parameters()])
 
 
+@pytest.mark.parametrize("build", BUILDERS)
 @pytest.mark.parametrize("mode", ["eval", "train", "mixed"])
 @pytest.mark.parametrize("name", ENTRY_POINTS)
-def test_entry_point_leaves_model_and_inputs_unchanged(name, mode):
-    model = _set_mode(_model(), mode)
+def test_entry_point_leaves_model_and_inputs_unchanged(name, mode, build):
+    model = _set_mode(BUILDERS[build](), mode)
     x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
     with torch.no_grad():
         y = model.eval()(x).argmax(1)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from mmr_ext.nn.layers import Normalize
-from mmr_ext.nn.zoo import MODELS, build_model, cnn, fc1, fc10, large
+from mmr_ext.nn.zoo import MODELS, build_model, cnn, fc1, fc10, large, resolve_model_name, short_model_name
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -94,7 +94,7 @@ def test_normalize_prepended():
 def test_errors():
     with pytest.raises(ValueError, match="unknown model 'resnet'.*fc1.*fc10.*cnn.*large"):
         build_model("resnet", MNIST, 10)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="must be a zoo name"):
         build_model(None, MNIST, 10)
     assert isinstance(build_model(" CNN ", MNIST, 10), nn.Sequential)
     for bad in [(28, 28), (1, 0, 28), (1, 28.5, 28), "abc", None]:
@@ -109,3 +109,26 @@ def test_errors():
         cnn(MNIST, 10, normalize=((0.1, 0.2, 0.3), 1.0))
     with pytest.raises(ValueError, match="pair"):
         cnn(MNIST, 10, normalize=0.5)
+
+
+def test_user_builders_from_a_module_or_a_file(tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text("from torch import nn\n\n"
+                    "def mlp(in_shape, num_classes):\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], num_classes))\n\n"
+                    "def not_a_model(in_shape, num_classes):\n"
+                    "    return 3\n")
+    name = resolve_model_name(f"{path}:mlp")
+    assert name == f"{path.resolve()}:mlp" and short_model_name(name) == "mlp"
+    model = build_model(name, MNIST, 10)
+    assert model[1].weight.shape == (10, 784)
+    assert isinstance(build_model("mmr_ext.nn.zoo:fc1", MNIST, 10), nn.Sequential)
+    with pytest.raises(ValueError, match="returned int, not a torch.nn.Module"):
+        build_model(f"{path}:not_a_model", MNIST, 10)
+    with pytest.raises(ValueError, match="normalize applies to the zoo models"):
+        build_model(name, MNIST, 10, normalize=(0.5, 0.5))
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        resolve_model_name(f"{path}:missing")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('oops')\n")
+    with pytest.raises(ValueError, match="failed to import: RuntimeError: oops"):
+        resolve_model_name(f"{tmp_path / 'broken.py'}:f")
