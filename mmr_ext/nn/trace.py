@@ -111,7 +111,6 @@ def _functional_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn
     layer = nn.Linear(1, 1, bias=False, device="meta")
     layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
     _share(layer, "weight", weight)
-    layer.bias = None
     _share(layer, "bias", bias)
     return layer
 
@@ -121,7 +120,6 @@ def _functional_conv(weight: torch.Tensor, bias: Optional[torch.Tensor], stride=
     layer = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding, dilation,
                       groups, bias=False, device="meta")
     _share(layer, "weight", weight)
-    layer.bias = None
     _share(layer, "bias", bias)
     return layer
 
@@ -183,8 +181,8 @@ class _Lowering:
         tensors = [a for a in node.all_input_nodes if a not in self.batch_sizes and a.op != "get_attr"]
         if len(tensors) > 1:
             raise _unsupported(node, "combines two tensors (residual additions are not supported yet)")
-        commutes = node.target is operator.mul and tensors == [self.current]
-        if tensors != [self.current] or (node.args[:1] != (self.current,) and not commutes):
+        reads_first = node.args[:1] == (self.current,) or node.target is operator.mul  # c * x commutes
+        if tensors != [self.current] or not reads_first:
             raise _unsupported(node, "does not read the output of the previous operation")
         layer = self.layer_of(node)
         if layer is not None:
@@ -228,8 +226,6 @@ def _leaky_relu(lowering: _Lowering, node: fx.Node) -> nn.Module:
 
 def _flatten(lowering: _Lowering, node: fx.Node) -> nn.Module:
     args = _bound_args(node, ("start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1})
-    if node.op == "call_method" and not node.args[1:] and "start_dim" not in node.kwargs:
-        args["start_dim"] = 0
     if args["start_dim"] != 1 or args["end_dim"] != -1:
         raise _unsupported(node, "flattens other dimensions than all features (use flatten(1))")
     return nn.Flatten()

@@ -16,6 +16,7 @@ Any other architecture is named by its builder, ``'package.module:function'`` or
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -164,13 +165,20 @@ def builder_of(name: str) -> Callable[..., nn.Module]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise ValueError(f"model builder file '{source}' does not exist")
-        spec = importlib.util.spec_from_file_location(f"mmr_ext_user_model_{abs(hash(str(path.resolve())))}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # classes defined there pickle by this name
-        try:
-            spec.loader.exec_module(module)
-        except Exception as error:
-            raise ValueError(f"model builder file '{source}' failed to import: {type(error).__name__}: {error}") from None
+        # one module per file and process (sys.modules is the cache): validating a name and building
+        # from it execute the file once
+        key = "mmr_ext_user_model_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
+        module = sys.modules.get(key)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module  # before running it, as an import does (dataclasses look it up)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as error:
+                del sys.modules[key]
+                raise ValueError(f"model builder file '{source}' failed to import: {type(error).__name__}: "
+                                 f"{error}") from None
     else:
         try:
             module = importlib.import_module(source)
