@@ -42,7 +42,7 @@ from .certify import certified_by_bounds, certify, reliably_correct, verify_mip
 from .checks import check_batch, check_box, check_in_box, check_input, check_y, parse_eps_dict
 from .evaluation_records import PointRecords, batch_seed, records_header
 from .math.norms import norm_name, parse_norm
-from .nn.chain import parse_model
+from .nn.graph import parse_network
 from .outputs import atomic_write
 
 __all__ = ["EvaluationResult", "evaluate", "ATTACKS", "norm_name"]
@@ -341,7 +341,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: dict,
     from tqdm.auto import tqdm
 
 
-    parse_model(model)  # clear errors for unsupported models before any work
+    parse_network(model)  # clear errors for unsupported models before any work
     check_input(model, x)  # dtype / device of x match the model's
     model64 = copy.deepcopy(model).to(torch.float64).eval().requires_grad_(False)
     N = x.shape[0]

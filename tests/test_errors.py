@@ -14,7 +14,7 @@ APIS = [mmr_ext.region_distances, mmr_ext.region_distances_reference]
 
 
 @pytest.mark.parametrize("layer, kind", [
-    (nn.MaxPool2d(2), "MaxPool2d"), (nn.Sigmoid(), "Sigmoid"), (nn.Tanh(), "Tanh"),
+    (nn.AdaptiveMaxPool2d(2), "AdaptiveMaxPool2d"), (nn.Sigmoid(), "Sigmoid"), (nn.Tanh(), "Tanh"),
     (nn.Conv1d(1, 1, 1), "Conv1d"),
 ])
 def test_unsupported_layers_name_layer_and_position(layer, kind):

@@ -13,6 +13,7 @@ the input's dtype (§12). The universal radius uses the plain region radii only 
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Real
 from typing import Iterable, List, Optional, Tuple
 
@@ -24,7 +25,7 @@ from ..checks import check_input, check_labels
 from ..geometry import compute_geometry, to_float64
 from ..math.norms import dual_exponent, exponent
 from ..math.rounding import round_down
-from ..nn.chain import parse_model
+from ..nn.graph import Graph, parse_network
 from .box_radius import box_region_radius
 from .certificate import Certificate
 from .neighbors import Point, search
@@ -124,7 +125,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     neighbors = check_neighbors(neighbors)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {progress!r}")
-    parse_model(model)  # clear errors before the model runs (e.g. BatchNorm in train mode)
+    graph = isinstance(parse_network(model), Graph)  # clear errors before the model runs
     check_input(model, x)
     model64 = to_float64(model)
     x64 = x.detach().to(torch.float64)
@@ -133,6 +134,11 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     check_labels(y, B, K, x.device, name="y")
     y = y.long()
     box = check_certify_box(box, x64)
+    if graph and (box is not None or neighbors > 0):
+        warnings.warn("certify: for graph networks (max pooling, sums of branches) the box-aware search and the "
+                      "neighbouring-regions search are not implemented; the radii are the plain region "
+                      "certificates, which are sound, inside the box too (docs/MATH.md §11)", stacklevel=2)
+        box, neighbors = None, 0
 
     from tqdm.auto import tqdm
 

@@ -7,6 +7,7 @@ make :func:`compute_geometry` use the reference.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -18,9 +19,11 @@ from torch.utils.checkpoint import checkpoint
 from ..checks import check_chunk_size, check_input, check_labels
 from ..math.norms import dual_exponent
 from ..native import lazy_row_distances, native_or_warn, recomputing, row_distances
-from ..nn.chain import Chain, activation_mask, parse_model
+from ..nn.chain import Chain, activation_mask
+from ..nn.graph import Graph, parse_network
 from .memory import MemoryBudget
-from .reference import decision_geometry, reference_geometry
+from .graph_reference import graph_geometry
+from .reference import concatenate, decision_geometry, reference_geometry
 from .representations import Dense, Patches, Unsupported, identity_rows, take_samples
 from .sparsity import RECORD
 from .steps import ON_DEMAND, RowPass, apply_block, mask_rows, to_dense
@@ -148,17 +151,27 @@ def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels
                                     context_fn=lambda: (nullcontext(), recomputing())))
         else:
             parts.append(fast_geometry(*args))
-    per_norm = [(torch.cat([part[0][i][0] for part in parts]), torch.cat([part[0][i][1] for part in parts]))
-                for i in range(len(qs))]
-    return per_norm, torch.cat([part[1] for part in parts])
+    return concatenate(parts)
+
+
+def warn_reference_path() -> None:
+    """One warning per call site: the rows of a graph network come from the pure-PyTorch reference."""
+    warnings.warn("this model is a graph network (max pooling or a sum of branches): the native row engine "
+                  "covers chains of affine layers and activations, so its geometry is computed by the exact "
+                  "pure-PyTorch reference along the graph (same results, slower, more memory)", stacklevel=3)
 
 
 def compute_geometry(model: nn.Module, x: torch.Tensor, ps: Sequence, labels: Optional[torch.Tensor] = None,
                      budget: MemoryBudget = MemoryBudget()) -> Geometry:
-    """Validated (boundary, decision) per norm in ps and the logits, native when possible."""
-    chain = parse_model(model)
+    """Validated (boundary, decision) per norm in ps and the logits, native when possible; graph
+    networks (max pooling, sums of branches) by the reference along their graph, with a warning."""
+    network = parse_network(model)
     qs = [dual_exponent(p) for p in ps]
     check_input(model, x)
+    if isinstance(network, Graph):
+        warn_reference_path()
+        return graph_geometry(network, x, qs, labels, budget)
+    chain = network
     if native_or_warn():
         try:
             return budgeted_geometry(chain, x, qs, labels, budget, RECORD.snapshot())

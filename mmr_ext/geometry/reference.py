@@ -46,19 +46,35 @@ def _hidden_and_logits(chain: Chain, x: torch.Tensor):
     return hidden, logits.reshape(B, -1), V_logits
 
 
+def distances_of(planes: Sequence[Tuple[torch.Tensor, torch.Tensor]], logits: torch.Tensor, V_logits: torch.Tensor,
+                 qs: Sequence[float], labels: Optional[torch.Tensor]):
+    """(boundary, decision) for every dual exponent in qs from the region's hyperplanes: per group
+    the distances |value| [B, n] to their hyperplanes and their rows [B, d, n], and the logits
+    [B, K] with their rows [B, d, K] (docs/MATH.md §2)."""
+    B = logits.shape[0]
+    check_labels(labels, B, logits.shape[1], logits.device)
+    c, margin, diff = decision_geometry(logits, V_logits, labels)
+    out = []
+    for q in qs:
+        boundary = [safe_distance(v, row_norms(V, q, dim=1)) for v, V in planes]
+        boundary = torch.cat(boundary, dim=1) if boundary else logits.new_zeros((B, 0))
+        decision = safe_distance(margin, row_norms(diff, q, dim=1)).scatter(1, c[:, None], math.inf)
+        out.append((boundary, decision))
+    return out
+
+
+def concatenate(parts: Sequence) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One geometry (per norm (boundary, decision), logits) from those of consecutive sample chunks."""
+    per_norm = [(torch.cat([part[0][i][0] for part in parts]), torch.cat([part[0][i][1] for part in parts]))
+                for i in range(len(parts[0][0]))]
+    return per_norm, torch.cat([part[1] for part in parts])
+
+
 def reference_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor]
                        ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """(boundary, decision) for every dual exponent in qs, and the logits, by identity propagation."""
     hidden, logits, V_logits = _hidden_and_logits(chain, x)
-    check_labels(labels, x.shape[0], logits.shape[1], x.device)
-    c, margin, diff = decision_geometry(logits, V_logits, labels)
-    out = []
-    for q in qs:
-        boundary = [safe_distance(f.abs(), row_norms(V, q, dim=1)) for f, V in hidden]
-        boundary = torch.cat(boundary, dim=1) if boundary else logits.new_zeros((x.shape[0], 0))
-        decision = safe_distance(margin, row_norms(diff, q, dim=1)).scatter(1, c[:, None], math.inf)
-        out.append((boundary, decision))
-    return out, logits
+    return distances_of([(f.abs(), V) for f, V in hidden], logits, V_logits, qs, labels), logits
 
 
 def region_distances_reference(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None

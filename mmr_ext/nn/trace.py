@@ -1,7 +1,7 @@
-"""Tracing of an arbitrary ``nn.Module`` into the chain of layers it computes (docs/MATH.md §12).
+"""Tracing of an arbitrary ``nn.Module`` into the graph of layers it computes (docs/MATH.md §11-12).
 
 ``torch.fx`` records what the model's ``forward`` does; each recorded operation is mapped to a
-layer that computes exactly the same (the model's own modules, or new layer objects that share
+layer that computes exactly the same (or to the addition of two branches) (the model's own modules, or new layer objects that share
 the model's parameters), so the analysis sees the function the user runs, gradients reach the
 user's parameters, and nothing of the model is copied or changed. Operations outside the
 supported set raise ``NotImplementedError`` naming the graph node and the line of ``forward``
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import os
+from dataclasses import dataclass
 from numbers import Real
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,14 +26,27 @@ from .layers import FlattenTo, Scale
 #: Layers without an affine adapter that the chain knows: skipped ones and activations.
 SKIPPED: Tuple[type, ...] = (nn.Identity, nn.Dropout)
 ACTIVATIONS: Tuple[type, ...] = (nn.ReLU, nn.LeakyReLU)
+#: Piecewise-affine selections (docs/MATH.md §10).
+POOLS: Tuple[type, ...] = (nn.MaxPool2d,)
 #: Modules analysed as themselves when their class keeps the forward of the type they derive from.
-ANALYSED_TYPES = SKIPPED + ACTIVATIONS
+ANALYSED_TYPES = SKIPPED + ACTIVATIONS + POOLS
 
-LAYERS = ("Linear, Conv2d, AvgPool2d, eval-mode BatchNorm1d/2d, Flatten, Identity, eval-mode Dropout, "
-          "mmr_ext.Normalize, ReLU and LeakyReLU")
+LAYERS = ("Linear, Conv2d, AvgPool2d, MaxPool2d, eval-mode BatchNorm1d/2d, Flatten, Identity, eval-mode "
+          "Dropout, mmr_ext.Normalize, ReLU and LeakyReLU")
 SUPPORTED = (LAYERS + ", and in forward: F.relu/torch.relu, F.leaky_relu, "
-             "flatten/view/reshape to [batch, features], F.avg_pool2d, F.linear/F.conv2d with the "
-             "model's tensors, F.dropout in eval mode, multiplication or division by a number, negation")
+             "flatten/view/reshape to [batch, features], F.avg_pool2d, F.max_pool2d, F.linear/F.conv2d with "
+             "the model's tensors, F.dropout in eval mode, multiplication or division by a number, negation, "
+             "and the sum of two branches (x + y, torch.add)")
+
+
+@dataclass(frozen=True)
+class TracedOp:
+    """One operation of a traced forward: a layer applied to one earlier result, or (``layer``
+    None) the sum of two. ``inputs`` index earlier operations; -1 is the model's input."""
+
+    name: str
+    layer: Optional[nn.Module]
+    inputs: Tuple[int, ...]
 
 
 def analysed_base(module: nn.Module) -> Optional[type]:
@@ -135,59 +149,96 @@ def _bound_args(node: fx.Node, names: Tuple[str, ...], defaults: Dict[str, Any])
     return values
 
 
+ADDITIONS = (operator.add, operator.iadd, torch.add)
+
+
 class _Lowering:
-    """Walks a traced graph, keeping the chain of tensors from the input to the output."""
+    """Walks a traced graph, mapping every tensor it computes to a :class:`TracedOp`."""
 
     def __init__(self, model: nn.Module, graph: fx.Graph):
         self.model, self.graph = model, graph
-        self.layers: List[Tuple[str, nn.Module]] = []
-        self.current: Optional[fx.Node] = None  # the node holding the chain's tensor so far
-        self.batch_sizes: set = set()  # nodes that hold the batch size of the chain's tensor
+        self.ops: List[TracedOp] = []
+        self.index: Dict[fx.Node, int] = {}  # tensor nodes -> index of the op holding them (-1: input)
+        self.batch_sizes: Dict[fx.Node, fx.Node] = {}  # nodes holding the batch size -> their tensor
+        self.current: Optional[fx.Node] = None  # the tensor the operation being lowered reads
         floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
         self.like = floats[0] if floats else torch.empty(())  # dtype and device of new constants
 
-    def run(self) -> List[Tuple[str, nn.Module]]:
+    def run(self) -> List[TracedOp]:
         for node in self.graph.nodes:
             self.visit(node)
-        return self.layers
+        return self.ops
 
     def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            if self.current is not None:
+            if -1 in self.index.values():
                 raise _unsupported(node, "is a second input: the model must take one tensor")
-            self.current = node
+            self.index[node] = -1
         elif node.op == "get_attr":
             pass  # read by the operations that use it
         elif node.op == "output":
-            if node.args[0] is not self.current:
-                raise _unsupported(node, "does not return the chain's tensor (one logits tensor [B, K])")
+            out = node.args[0]
+            if out not in self.index or self.index[out] != len(self.ops) - 1:
+                raise _unsupported(node, "does not return the result of the last operation (one logits tensor "
+                                         "[B, K])")
         elif self._is_batch_size(node):
-            self.batch_sizes.add(node)
+            self.batch_sizes[node] = self.batch_sizes.get(node.args[0], node.args[0])
         else:
-            self.chain_step(node)
+            self.step(node)
 
     def _is_batch_size(self, node: fx.Node) -> bool:
-        """x.size(0), x.shape[0] (and x.shape, x.size(), read only for that) of the chain's tensor."""
-        if node.op == "call_method" and node.target == "size" and node.args[0] is self.current:
+        """x.size(0), x.shape[0] (and x.shape, x.size(), read only for that) of a traced tensor."""
+        source = node.args[0] if node.args else None
+        if node.op == "call_method" and node.target == "size" and source in self.index:
             return len(node.args) == 1 or node.args[1:] == (0,) or node.kwargs.get("dim") == 0
         if node.op == "call_function" and node.target is getattr:
-            return node.args[0] is self.current and node.args[1] == "shape"
+            return source in self.index and node.args[1] == "shape"
         if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-            source = node.args[0]
-            return source in self.batch_sizes and source.args[0] is self.current
+            return source in self.batch_sizes
         return False
 
-    def chain_step(self, node: fx.Node) -> None:
+    def tensors_read(self, node: fx.Node) -> List[fx.Node]:
         tensors = [a for a in node.all_input_nodes if a not in self.batch_sizes and a.op != "get_attr"]
-        if len(tensors) > 1:
-            raise _unsupported(node, "combines two tensors (residual additions are not supported yet)")
+        if any(a not in self.index for a in tensors):
+            raise _unsupported(node, "reads a tensor that is not computed from the input by supported operations")
+        return tensors
+
+    def step(self, node: fx.Node) -> None:
+        tensors = self.tensors_read(node)
+        if self._is_addition(node):
+            self.add(node, tensors)
+            return
+        if len(tensors) != 1:
+            raise _unsupported(node, "combines tensors in a way other than a sum of two branches")
+        self.current = tensors[0]
         reads_first = node.args[:1] == (self.current,) or node.target is operator.mul  # c * x commutes
-        if tensors != [self.current] or not reads_first:
-            raise _unsupported(node, "does not read the output of the previous operation")
+        if not reads_first:
+            raise _unsupported(node, "does not read a tensor as its first argument")
         layer = self.layer_of(node)
-        if layer is not None:
-            self.layers.append((node.target if node.op == "call_module" else node.name, layer))
-        self.current = node
+        if layer is None:  # the identity (eval-mode dropout)
+            self.index[node] = self.index[self.current]
+            return
+        self.append(node, layer, (self.index[self.current],))
+
+    def append(self, node: fx.Node, layer: Optional[nn.Module], inputs: Tuple[int, ...]) -> None:
+        name = node.target if node.op == "call_module" else node.name
+        self.ops.append(TracedOp(name, layer, inputs))
+        self.index[node] = len(self.ops) - 1
+
+    def _is_addition(self, node: fx.Node) -> bool:
+        return ((node.op == "call_function" and node.target in ADDITIONS)
+                or (node.op == "call_method" and node.target in ("add", "add_")))
+
+    def add(self, node: fx.Node, tensors: List[fx.Node]) -> None:
+        if node.kwargs or len(node.args) != 2:
+            raise _unsupported(node, "is an addition with extra arguments (alpha, out)")
+        if len(tensors) != 2 or any(not isinstance(a, fx.Node) for a in node.args):
+            raise _unsupported(node, "adds a constant to a tensor (only the sum of two branches is supported)")
+        a, b = node.args
+        if a is b:
+            self.append(node, Scale(2.0, self.like.dtype, self.like.device), (self.index[a],))
+            return
+        self.append(node, None, (self.index[a], self.index[b]))
 
     def layer_of(self, node: fx.Node) -> Optional[nn.Module]:
         if node.op == "call_module":
@@ -253,6 +304,17 @@ def _avg_pool2d(lowering: _Lowering, node: fx.Node) -> nn.Module:
                         a["divisor_override"])
 
 
+def _max_pool2d(lowering: _Lowering, node: fx.Node) -> nn.Module:
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    a = _bound_args(node, names, {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                                  "return_indices": False})
+    if "kernel_size" not in a:
+        raise _unsupported(node, "has no kernel_size")
+    if a["return_indices"]:
+        raise _unsupported(node, "returns indices (only the pooled values are supported)")
+    return nn.MaxPool2d(a["kernel_size"], a["stride"] or None, a["padding"], a["dilation"], False, a["ceil_mode"])
+
+
 def _linear(lowering: _Lowering, node: fx.Node) -> nn.Module:
     a = _bound_args(node, ("weight", "bias"), {"bias": None})
     return _functional_linear(lowering.tensor(node, a.get("weight")), lowering.tensor(node, a["bias"]))
@@ -295,6 +357,7 @@ FUNCTIONS: Dict[Any, Callable[[_Lowering, fx.Node], Optional[nn.Module]]] = {
     F.relu: _relu, torch.relu: _relu, torch.relu_: _relu, F.relu_: _relu,
     F.leaky_relu: _leaky_relu, torch.flatten: _flatten, torch.reshape: _reshape,
     F.avg_pool2d: _avg_pool2d, torch._C._nn.avg_pool2d: _avg_pool2d,
+    F.max_pool2d: _max_pool2d, torch.max_pool2d: _max_pool2d,
     F.linear: _linear, torch._C._nn.linear: _linear, F.conv2d: _conv2d, torch.conv2d: _conv2d,
     F.dropout: _dropout, operator.mul: _scaled(lambda c: c), operator.truediv: _scaled(lambda c: 1.0 / c),
     operator.neg: _negate,
@@ -305,11 +368,11 @@ METHODS: Dict[str, Callable[[_Lowering, fx.Node], Optional[nn.Module]]] = {
 }
 
 
-def traced_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, layer) of the chain of layers that computes what ``model.forward`` computes: the
-    model's own modules (by their paths), and layers sharing its tensors for functional calls (by
-    their graph node names). Raises ``NotImplementedError`` naming the node and the source line of
-    an unsupported operation."""
+def traced_ops(model: nn.Module) -> List[TracedOp]:
+    """The operations that compute what ``model.forward`` computes, in order: the model's own
+    modules (named by their paths), layers sharing its tensors for functional calls and additions
+    (named by their graph nodes). Raises ``NotImplementedError`` naming the node and the source line
+    of an unsupported operation."""
     try:
         graph = _Tracer().trace(model)
     except Exception as error:  # fx raises TraceError, TypeError, RuntimeError on dynamic code

@@ -693,8 +693,8 @@ def test_argument_errors():
         certify(model, x, y.double())
     with pytest.raises(TypeError, match="float32"):
         certify(model, x.long(), y)
-    with pytest.raises(NotImplementedError, match="MaxPool"):
-        certify(nn.Sequential(nn.MaxPool2d(1), nn.Flatten(), nn.Linear(12, 2)).double(), x, y)
+    with pytest.raises(NotImplementedError, match="AdaptiveMaxPool2d"):
+        certify(nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(3, 4)).double(), x, y)
     cert = certify(model, x, y, norms=(1,))
     with pytest.raises(TypeError, match="non-empty dict"):
         cert.fraction_certified({})

@@ -12,6 +12,7 @@ from torch import nn
 
 import mmr_ext
 from mmr_ext.nn.chain import parse_model
+from mmr_ext.nn.graph import Graph, parse_network
 from mmr_ext.nn.layers import Scale
 from oracles import assert_distances_close, distances_and_grads, jacobian_distances
 
@@ -199,13 +200,40 @@ def test_tracing_changes_nothing_in_the_model():
                if isinstance(layer, nn.Conv2d))
 
 
-class WithMaxPool(nn.Module):
+class MaxPoolIndices(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(1, 2, 3)
 
     def forward(self, x):
-        return F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1)
+        return F.max_pool2d(F.relu(self.conv(x)), 2, return_indices=True)[0].flatten(1)
+
+
+class CeilPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.conv(x))).flatten(1))
+
+
+class EndsWithActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        return F.relu(F.max_pool2d(self.conv(x), 2).flatten(1))
+
+
+class AddConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)) + 1.0)
 
 
 class Residual(nn.Module):
@@ -255,10 +283,11 @@ class Products(nn.Module):
 
 
 @pytest.mark.parametrize("model, message", [
-    (WithMaxPool(), r"'max_pool2d' \(graph node 'max_pool2d', test_trace.py:\d+\)"),
-    (Residual(), r"'add' \(graph node 'add', test_trace.py:\d+\) combines two tensors"),
+    (MaxPoolIndices(), r"'max_pool2d_with_indices' \(graph node 'max_pool2d_with_indices', test_trace.py:\d+\) is not"),
+    (CeilPool(), r"layer 'pool' \(MaxPool2d\) uses ceil_mode"),
+    (AddConstant(), r"'add' \(graph node 'add', test_trace.py:\d+\) adds a constant"),
     (Sigmoid(), r"'sigmoid' \(graph node 'sigmoid', test_trace.py:\d+\) is not supported"),
-    (TwoOutputs(), r"does not return the chain's tensor"),
+    (TwoOutputs(), r"does not return the result of the last operation"),
     (DataDependent(), r"torch.fx cannot trace DataDependent.forward"),
     (Products(), r"'getitem' \(graph node 'getitem', test_trace.py:\d+\)"),
     (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), Block(3, 2, 0.0), nn.Sigmoid(), nn.Linear(2, 2)),
@@ -266,7 +295,17 @@ class Products(nn.Module):
 ])
 def test_unsupported_operations_name_the_node_and_the_line(model, message):
     with pytest.raises(NotImplementedError, match=message):
-        parse_model(model)
+        parse_network(model)
+
+
+def test_graph_networks_are_parsed_by_parse_network_only():
+    assert isinstance(parse_network(Residual()), Graph)
+    with pytest.raises(NotImplementedError, match="the model computes a sum of two branches"):
+        parse_model(Residual())
+    with pytest.raises(NotImplementedError, match="the model computes max pooling"):
+        parse_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)))
+    with pytest.raises(ValueError, match="model ends with 'relu' \\(act\\)"):
+        parse_network(EndsWithActivation())
 
 
 def test_view_to_the_wrong_width_is_refused_when_it_runs():

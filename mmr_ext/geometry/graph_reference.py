@@ -1,0 +1,123 @@
+"""Linear-region geometry of graph networks by identity propagation (docs/MATH.md §10-11).
+
+The reference algorithm of :mod:`.reference` run along a :class:`~mmr_ext.nn.graph.Graph`:
+every node carries its value and its linear part on the region (the tangents of the identity),
+affine nodes apply their block, activations their mask, additions add the two branches' rows
+(§11) and max pooling selects each window's maximiser (§10). The boundary hyperplanes are, in
+node order, every activation's units (their pre-activations) and, for every max-pooling window
+k and every other entry j of it, the selection hyperplane ``a_{w(k)} - a_j = 0``. It materialises
+V of every node for every sample: exact, differentiable, and as slow and memory hungry as the
+chain reference.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..nn.chain import activation_mask
+from ..nn.graph import ACT, AFFINE, INPUT, MAXPOOL, Graph, window_index
+from .memory import MemoryBudget
+from .reference import concatenate, distances_of
+
+Hyperplanes = List[Tuple[torch.Tensor, torch.Tensor]]  # per group: |values| [B, n], rows [B, d, n]
+
+
+def max_pool_selection(values: torch.Tensor, tangents: torch.Tensor, index: torch.Tensor):
+    """Max pooling of one node on the region (docs/MATH.md §10).
+
+    Args:
+        values: the pooled node's values [B, C, H, W]; tangents: its rows [B, d, C·H·W].
+        index: :func:`~mmr_ext.nn.graph.window_index` [C, L, k].
+
+    Returns:
+        (pooled values [B, C·L], pooled rows [B, d, C·L], selection hyperplanes: values
+        ``a_{w(k)} - a_j`` [B, m] and rows ``V_{w(k)} - V_j`` [B, d, m] over the non-selected,
+        non-padding entries j of every window k, in (channel, window, entry) order).
+    """
+    B, d = tangents.shape[:2]
+    C, L, k = index.shape
+    flat = values.reshape(B, -1)
+    padded = torch.cat([flat, flat.new_full((B, 1), -math.inf)], dim=1)
+    cells = torch.where(index >= 0, index, flat.shape[1]).reshape(-1)
+    window = padded[:, cells].reshape(B, C, L, k)
+    selected = window.argmax(dim=3, keepdim=True)  # [B, C, L, 1]; padding (-inf) is never selected
+    pooled = window.gather(3, selected).squeeze(3)
+    rows = torch.cat([tangents, tangents.new_zeros((B, d, 1))], dim=2)[:, :, cells].reshape(B, d, C, L, k)
+    picked = rows.gather(4, selected.unsqueeze(1).expand(B, d, C, L, 1))
+    others = (index >= 0).unsqueeze(0) & (torch.arange(k, device=index.device) != selected)  # [B, C, L, k]
+    gap = (pooled.unsqueeze(3) - window)[others].reshape(B, -1)
+    gap_rows = (picked - rows).permute(0, 2, 3, 4, 1)[others].reshape(B, -1, d).transpose(1, 2)
+    return pooled.reshape(B, C * L), picked.reshape(B, d, C * L), gap, gap_rows
+
+
+def graph_hyperplanes(graph: Graph, x: torch.Tensor) -> Tuple[Hyperplanes, torch.Tensor, torch.Tensor]:
+    """The region's boundary hyperplanes (|value| side and rows, node by node), the logits [B, K]
+    and their rows [B, d, K]."""
+    B, d = x.shape[0], x[0].numel()
+    eye = torch.eye(d, dtype=x.dtype, device=x.device)
+    values: List[torch.Tensor] = []
+    tangents: List[torch.Tensor] = []  # per node: rows [B, d, n] of the node's linear part
+    planes: Hyperplanes = []
+    for node in graph.nodes:
+        if node.op == INPUT:
+            value, rows = x, eye.unsqueeze(0).expand(B, d, d)
+        elif node.op == AFFINE:
+            source = values[node.inputs[0]]
+            value = node.block(source)
+            flat = tangents[node.inputs[0]].reshape((B * d,) + tuple(source.shape[1:]))
+            rows = node.block.linear(flat).reshape(B, d, -1)
+        elif node.op == ACT:
+            f, V = values[node.inputs[0]], tangents[node.inputs[0]]
+            planes.append((f.reshape(B, -1).abs(), V))
+            mask = activation_mask(f.detach(), node.slope)
+            value, rows = f * mask, V * mask.reshape(B, 1, -1)
+        elif node.op == MAXPOOL:
+            a = values[node.inputs[0]]
+            index = window_index(node.pool, tuple(a.shape[1:]), a.device)
+            pooled, rows, gap, gap_rows = max_pool_selection(a, tangents[node.inputs[0]], index)
+            planes.append((gap, gap_rows))
+            value = pooled.reshape(node.pool(a.detach()).shape)
+        else:  # ADD
+            first, second = node.inputs
+            value = values[first] + values[second]
+            rows = tangents[first] + tangents[second]
+        values.append(value)
+        tangents.append(rows)
+    return planes, values[-1].reshape(B, -1), tangents[-1]
+
+
+def largest_rows(graph: Graph, x: torch.Tensor) -> int:
+    """Elements per sample of the largest rows tensor of :func:`graph_hyperplanes` (d times the
+    largest node, or max-pooling window table)."""
+    d = x[0].numel()
+    with torch.no_grad():
+        values = graph.values(x[:1])
+    sizes = [v[0].numel() for v in values]
+    for node in graph.nodes:
+        if node.op == MAXPOOL:
+            sizes.append(window_index(node.pool, tuple(values[node.inputs[0]].shape[1:])).numel())
+    return d * max(sizes)
+
+
+def graph_geometry(graph: Graph, x: torch.Tensor, qs: Sequence[float], labels: Optional[torch.Tensor],
+                   budget: MemoryBudget = MemoryBudget()):
+    """(boundary, decision) for every dual exponent in qs, and the logits (same contract as
+    :func:`mmr_ext.geometry.reference.reference_geometry`); at most the budget's samples per
+    pass, each pass checkpointed (rebuilt in the backward) when gradients are recorded."""
+    B = x.shape[0]
+    n = budget.samples_per_pass(largest_rows(graph, x), B)
+
+    def one_pass(xs, ys):
+        planes, logits, V_logits = graph_hyperplanes(graph, xs)
+        return distances_of(planes, logits, V_logits, qs, ys), logits
+
+    if n >= B:
+        return one_pass(x, labels)
+    parts = []
+    for start in range(0, B, n):
+        args = (x[start:start + n], None if labels is None else labels[start:start + n])
+        parts.append(checkpoint(one_pass, *args, use_reentrant=False) if torch.is_grad_enabled() else one_pass(*args))
+    return concatenate(parts)
