@@ -137,7 +137,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     if graph and (box is not None or neighbors > 0):
         warnings.warn("certify: for graph networks (max pooling, sums of branches) the box-aware search and the "
                       "neighbouring-regions search are not implemented; the radii are the plain region "
-                      "certificates, which are sound, inside the box too (docs/MATH.md §11)", stacklevel=2)
+                      "certificates, which are sound, inside the box too (docs/MATH.md §11)", stacklevel=3)
         box, neighbors = None, 0
 
     from tqdm.auto import tqdm

@@ -6,6 +6,7 @@ make :func:`compute_geometry` use the reference.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from contextlib import nullcontext
@@ -154,8 +155,9 @@ def budgeted_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], labels
     return concatenate(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def warn_reference_path() -> None:
-    """One warning per call site: the rows of a graph network come from the pure-PyTorch reference."""
+    """One warning per process: the rows of a graph network come from the pure-PyTorch reference."""
     warnings.warn("this model is a graph network (max pooling or a sum of branches): the native row engine "
                   "covers chains of affine layers and activations, so its geometry is computed by the exact "
                   "pure-PyTorch reference along the graph (same results, slower, more memory)", stacklevel=3)
