@@ -1,4 +1,4 @@
-"""The architectures of the MMR papers, as plain ``nn.Sequential`` ReLU networks.
+"""The architectures of the MMR papers (plain ``nn.Sequential`` ReLU networks) and two graph networks.
 
 - ``fc1``: one hidden layer of 1024 units (784-1024-10 on MNIST).
 - ``fc10``: ten hidden layers of 124, 7 x 104 and 2 x 86 units.
@@ -6,6 +6,11 @@
 - ``large``: the "large" network of Wong et al. (2018): conv(32, 3x3, pad 1) - conv(32, 4x4,
   stride 2, pad 1) - conv(64, 3x3, pad 1) - conv(64, 4x4, stride 2, pad 1) - fc 512 - fc 512 -
   fc K.
+- ``cnn_maxpool``: the papers' CNN with max pooling instead of strides: conv(16, 3x3, pad 1) -
+  maxpool 2 - conv(32, 3x3, pad 1) - maxpool 2 - fc 100 - fc K (a graph network, docs/MATH.md §10).
+- ``resnet``: conv(16, 4x4, stride 2, pad 1) - a residual block ``relu(x + conv(relu(conv(x))))``
+  of two conv(16, 3x3, pad 1) - conv(32, 4x4, stride 2, pad 1) - fc 100 - fc K, as an
+  ``nn.Module`` class (a graph network, docs/MATH.md §11).
 
 Every builder takes the input shape (C, H, W) and the number of classes K, and optionally
 ``normalize=(mean, std)`` to prepend a :class:`mmr_ext.nn.layers.Normalize` layer (per-channel
@@ -23,11 +28,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import Normalize
 
-__all__ = ["MODELS", "build_model", "builder_of", "resolve_model_name", "short_model_name", "fc1", "fc10", "cnn", "large"]
+__all__ = ["MODELS", "build_model", "builder_of", "resolve_model_name", "short_model_name", "fc1", "fc10", "cnn", "large", "cnn_maxpool", "resnet",
+           "ResidualCNN"]
 
 Shape = Tuple[int, int, int]
 NormSpec = Optional[Tuple[object, object]]
@@ -124,9 +132,52 @@ def large(in_shape: Sequence[int], num_classes: int, *,
                          *_mlp(flat, (512, 512), k))
 
 
+def cnn_maxpool(in_shape: Sequence[int], num_classes: int, *, normalize: NormSpec = None) -> nn.Sequential:
+    """conv(16, 3x3, pad 1) - maxpool 2 - conv(32, 3x3, pad 1) - maxpool 2 - fc 100 - fc K."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    c, h, w = shape
+    if h < 4 or w < 4:
+        raise ValueError(f"in_shape {in_shape} is too small for this network's two 2x2 max poolings")
+    layers = [nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+              nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+    return nn.Sequential(*_prefix(shape, normalize), *layers, *_mlp(32 * (h // 2 // 2) * (w // 2 // 2), (100,), k))
+
+
+class ResidualCNN(nn.Module):
+    """The ``resnet`` model (see the module docstring)."""
+
+    def __init__(self, in_shape: Shape, num_classes: int, prefix: Sequence[nn.Module] = ()):
+        super().__init__()
+        c, h, w = in_shape
+        self.prefix = nn.Sequential(*prefix)
+        self.stem = nn.Conv2d(c, 16, 4, stride=2, padding=1)
+        self.block1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.block2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 4, stride=2, padding=1)
+        h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+        h, w = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+        self.fc = nn.Linear(32 * h * w, 100)
+        self.out = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(self.prefix(x)))
+        x = F.relu(x + self.block2(F.relu(self.block1(x))))
+        x = F.relu(self.down(x)).flatten(1)
+        return self.out(F.relu(self.fc(x)))
+
+
+def resnet(in_shape: Sequence[int], num_classes: int, *, normalize: NormSpec = None) -> ResidualCNN:
+    """conv(16, 4x4, stride 2) - residual block of two conv(16, 3x3) - conv(32, 4x4, stride 2) -
+    fc 100 - fc K."""
+    shape, k = _check_shape(in_shape), _check_classes(num_classes)
+    if shape[1] < 4 or shape[2] < 4:
+        raise ValueError(f"in_shape {in_shape} is too small for this network's convolutions")
+    return ResidualCNN(shape, k, _prefix(shape, normalize))
+
+
 #: Model builders by name, each ``builder(in_shape, num_classes, *, normalize=None)``.
-MODELS: Dict[str, Callable[..., nn.Sequential]] = {
-    "fc1": fc1, "fc10": fc10, "cnn": cnn, "large": large}
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "fc1": fc1, "fc10": fc10, "cnn": cnn, "large": large, "cnn_maxpool": cnn_maxpool, "resnet": resnet}
 
 
 def resolve_model_name(name: str) -> str:

@@ -4,11 +4,14 @@ import torch
 from torch import nn
 
 from mmr_ext.nn.layers import Normalize
-from mmr_ext.nn.zoo import MODELS, build_model, cnn, fc1, fc10, large, resolve_model_name, short_model_name
+from mmr_ext.nn.graph import Graph, parse_network
+from mmr_ext.nn.zoo import (MODELS, ResidualCNN, build_model, cnn, cnn_maxpool, fc1, fc10, large, resolve_model_name,
+                            short_model_name)
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, Normalize)
+CHAINS = ("fc1", "fc10", "cnn", "large")
 
 
 def n_params(model):
@@ -24,8 +27,11 @@ def linears(model):
 def test_output_shapes(name, shape, k):
     torch.manual_seed(0)
     model = build_model(name, shape, k)
-    assert isinstance(model, nn.Sequential)
-    assert all(isinstance(m, SUPPORTED) for m in model)
+    if name in CHAINS:
+        assert isinstance(model, nn.Sequential)
+        assert all(isinstance(m, SUPPORTED) for m in model)
+    else:
+        assert isinstance(parse_network(model), Graph)
     out = model(torch.rand(5, *shape))
     assert out.shape == (5, k) and torch.isfinite(out).all()
     out.sum().backward()
@@ -77,6 +83,19 @@ def test_large_layers():
         assert isinstance(model[-1], nn.Linear)
 
 
+def test_graph_models_layers():
+    pooled = cnn_maxpool(MNIST, 10)
+    assert [type(m).__name__ for m in pooled] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d",
+                                                  "Flatten", "Linear", "ReLU", "Linear"]
+    assert pooled[7].in_features == 32 * 7 * 7 and cnn_maxpool(CIFAR, 10)[7].in_features == 32 * 8 * 8
+    res = build_model("resnet", MNIST, 10)
+    assert isinstance(res, ResidualCNN) and res.fc.in_features == 32 * 7 * 7
+    ops = [node.op for node in parse_network(res).nodes]
+    assert ops.count("add") == 1 and ops.count("act") == 5
+    with pytest.raises(ValueError, match="too small"):
+        cnn_maxpool((1, 3, 3), 10)
+
+
 def test_normalize_prepended():
     mean, std = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
     torch.manual_seed(1)
@@ -92,8 +111,8 @@ def test_normalize_prepended():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="unknown model 'resnet'.*fc1.*fc10.*cnn.*large"):
-        build_model("resnet", MNIST, 10)
+    with pytest.raises(ValueError, match="unknown model 'resnet50'.*fc1.*fc10.*cnn.*large.*cnn_maxpool.*resnet"):
+        build_model("resnet50", MNIST, 10)
     with pytest.raises(ValueError, match="must be a zoo name"):
         build_model(None, MNIST, 10)
     assert isinstance(build_model(" CNN ", MNIST, 10), nn.Sequential)
