@@ -19,10 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.chain import activation_mask
 from ..nn.graph import ACT, AFFINE, INPUT, MAXPOOL, Graph, window_index
+from ..native import native_or_warn
 from .memory import MemoryBudget
-from .reference import concatenate, distances_of
+from .reference import Plane, concatenate, distances_of
 
-Hyperplanes = List[Tuple[torch.Tensor, torch.Tensor]]  # per group: |values| [B, n], rows [B, d, n]
 
 
 def max_pool_selection(values: torch.Tensor, tangents: torch.Tensor, index: torch.Tensor):
@@ -33,34 +33,34 @@ def max_pool_selection(values: torch.Tensor, tangents: torch.Tensor, index: torc
         index: :func:`~mmr_ext.nn.graph.window_index` [C, L, k].
 
     Returns:
-        (pooled values [B, C·L], pooled rows [B, d, C·L], selection hyperplanes: values
-        ``a_{w(k)} - a_j`` [B, m] and rows ``V_{w(k)} - V_j`` [B, d, m] over the non-selected,
-        non-padding entries j of every window k, in (channel, window, entry) order).
+        pooled values [B, C·L], pooled rows [B, d, C·L], and the selection hyperplanes of every
+        window k and entry j as a :data:`~mmr_ext.geometry.reference.Plane`: values
+        ``a_{w(k)} - a_j`` [B, C·L·k], rows ``V_{w(k)} - V_j`` [B, d, C·L·k] and the mask of the
+        listed ones (not the selected entry, not padding), in (channel, window, entry) order.
     """
     B, d = tangents.shape[:2]
     C, L, k = index.shape
     flat = values.reshape(B, -1)
-    padded = torch.cat([flat, flat.new_full((B, 1), -math.inf)], dim=1)
     cells = torch.where(index >= 0, index, flat.shape[1]).reshape(-1)
-    window = padded[:, cells].reshape(B, C, L, k)
-    selected = window.argmax(dim=3, keepdim=True)  # [B, C, L, 1]; padding (-inf) is never selected
+    real = (index >= 0).unsqueeze(0)
+    window = torch.cat([flat, flat.new_zeros((B, 1))], dim=1)[:, cells].reshape(B, C, L, k)
+    selected = window.masked_fill(~real, -math.inf).argmax(dim=3, keepdim=True)  # padding never selected
     pooled = window.gather(3, selected).squeeze(3)
     rows = torch.cat([tangents, tangents.new_zeros((B, d, 1))], dim=2)[:, :, cells].reshape(B, d, C, L, k)
     picked = rows.gather(4, selected.unsqueeze(1).expand(B, d, C, L, 1))
-    others = (index >= 0).unsqueeze(0) & (torch.arange(k, device=index.device) != selected)  # [B, C, L, k]
-    gap = (pooled.unsqueeze(3) - window)[others].reshape(B, -1)
-    gap_rows = (picked - rows).permute(0, 2, 3, 4, 1)[others].reshape(B, -1, d).transpose(1, 2)
-    return pooled.reshape(B, C * L), picked.reshape(B, d, C * L), gap, gap_rows
+    kept = real & (torch.arange(k, device=index.device) != selected)  # [B, C, L, k]
+    plane = ((pooled.unsqueeze(3) - window).reshape(B, -1), (picked - rows).reshape(B, d, -1), kept.reshape(B, -1))
+    return pooled.reshape(B, C * L), picked.reshape(B, d, C * L), plane
 
 
-def graph_hyperplanes(graph: Graph, x: torch.Tensor) -> Tuple[Hyperplanes, torch.Tensor, torch.Tensor]:
-    """The region's boundary hyperplanes (|value| side and rows, node by node), the logits [B, K]
-    and their rows [B, d, K]."""
+def graph_hyperplanes(graph: Graph, x: torch.Tensor) -> Tuple[List[Plane], torch.Tensor, torch.Tensor]:
+    """The region's boundary hyperplanes (:data:`~mmr_ext.geometry.reference.Plane`, node by
+    node), the logits [B, K] and their rows [B, d, K]."""
     B, d = x.shape[0], x[0].numel()
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     values: List[torch.Tensor] = []
     tangents: List[torch.Tensor] = []  # per node: rows [B, d, n] of the node's linear part
-    planes: Hyperplanes = []
+    planes: List[Plane] = []
     for node in graph.nodes:
         if node.op == INPUT:
             value, rows = x, eye.unsqueeze(0).expand(B, d, d)
@@ -71,14 +71,14 @@ def graph_hyperplanes(graph: Graph, x: torch.Tensor) -> Tuple[Hyperplanes, torch
             rows = node.block.linear(flat).reshape(B, d, -1)
         elif node.op == ACT:
             f, V = values[node.inputs[0]], tangents[node.inputs[0]]
-            planes.append((f.reshape(B, -1).abs(), V))
+            planes.append((f.reshape(B, -1).abs(), V, None))
             mask = activation_mask(f.detach(), node.slope)
             value, rows = f * mask, V * mask.reshape(B, 1, -1)
         elif node.op == MAXPOOL:
             a = values[node.inputs[0]]
             index = window_index(node.pool, tuple(a.shape[1:]), a.device)
-            pooled, rows, gap, gap_rows = max_pool_selection(a, tangents[node.inputs[0]], index)
-            planes.append((gap, gap_rows))
+            pooled, rows, plane = max_pool_selection(a, tangents[node.inputs[0]], index)
+            planes.append(plane)
             value = pooled.reshape(node.pool(a.detach()).shape)
         else:  # ADD
             first, second = node.inputs
@@ -110,9 +110,11 @@ def graph_geometry(graph: Graph, x: torch.Tensor, qs: Sequence[float], labels: O
     B = x.shape[0]
     n = budget.samples_per_pass(largest_rows(graph, x), B)
 
+    native = native_or_warn()
+
     def one_pass(xs, ys):
         planes, logits, V_logits = graph_hyperplanes(graph, xs)
-        return distances_of(planes, logits, V_logits, qs, ys), logits
+        return distances_of(planes, logits, V_logits, qs, ys, native), logits
 
     if n >= B:
         return one_pass(x, labels)
