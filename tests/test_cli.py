@@ -152,6 +152,61 @@ def test_train_and_evaluate_a_network_from_the_users_file(tmp_path, capsys, monk
     assert json.loads((out_dir / "eval.json").read_text())["n"] == 3
 
 
+GRAPH_NETWORKS = """
+import torch.nn.functional as F
+from torch import nn
+
+
+class PoolNet(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2, 4, stride=4)
+        self.out = nn.Linear(2 * 3 * 3, classes)
+
+    def forward(self, x):
+        return self.out(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
+
+
+class ResidualNet(nn.Module):
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2, 4, stride=4)
+        self.fc = nn.Linear(2 * 7 * 7, 2 * 7 * 7)
+        self.out = nn.Linear(2 * 7 * 7, classes)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).flatten(1)
+        return self.out(F.relu(h + self.fc(h)))
+
+
+def pool(in_shape, num_classes):
+    return PoolNet(in_shape[0], num_classes)
+
+
+def residual(in_shape, num_classes):
+    return ResidualNet(in_shape[0], num_classes)
+"""
+
+
+@pytest.mark.parametrize("builder", ["pool", "residual"])
+def test_train_and_evaluate_graph_networks_end_to_end(tmp_path, capsys, builder):
+    """A max-pooling CNN and a residual network written as classes train with MMR-Universal and
+    evaluate with attacks, region certificate, bound propagation and MIP."""
+    (tmp_path / "graphs.py").write_text(GRAPH_NETWORKS)
+    out_dir = tmp_path / "run"
+    argv = ["train", "--model", f"{tmp_path / 'graphs.py'}:{builder}", "--epochs", "1", "--batch-size", "32",
+            "--train-subset", "64", "--test-subset", "20", "--cert-points", "5", "--eval-points", "5",
+            "--out-dir", str(out_dir), "--no-progress", "--threads", "1"]
+    assert cli.main(argv) == 0
+    assert f"MMR-Universal {builder} on mnist5k" in capsys.readouterr().out
+    args = parse_evaluate([str(out_dir / "checkpoint.pt"), "--n-points", "4", "--attack-steps", "2", "--fmn-steps",
+                           "2", "--norms", "1", "inf", "--mip", "--mip-time-limit", "20", "--out",
+                           str(out_dir / "eval.json"), "--no-progress"])
+    assert cli.run_evaluate(args) == 0
+    result = json.loads((out_dir / "eval.json").read_text())
+    assert result["n"] == 4
+
+
 def test_resume_missing_checkpoint_is_an_error(tmp_path, capsys):
     assert cli.main(["train", "--model", "tiny", "--out-dir", str(tmp_path / "none"), "--resume"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
