@@ -41,12 +41,14 @@ def max_pool_selection(values: torch.Tensor, tangents: torch.Tensor, index: torc
     B, d = tangents.shape[:2]
     C, L, k = index.shape
     flat = values.reshape(B, -1)
-    cells = torch.where(index >= 0, index, flat.shape[1]).reshape(-1)
     real = (index >= 0).unsqueeze(0)
-    window = torch.cat([flat, flat.new_zeros((B, 1))], dim=1)[:, cells].reshape(B, C, L, k)
+    cells = index.clamp(min=0).reshape(-1)  # padding reads cell 0, then counts as 0 (never listed)
+    window = flat[:, cells].reshape(B, C, L, k) * real
     selected = window.masked_fill(~real, -math.inf).argmax(dim=3, keepdim=True)  # padding never selected
     pooled = window.gather(3, selected).squeeze(3)
-    rows = torch.cat([tangents, tangents.new_zeros((B, d, 1))], dim=2)[:, :, cells].reshape(B, d, C, L, k)
+    rows = tangents[:, :, cells].reshape(B, d, C, L, k)
+    if not bool(real.all()):
+        rows = rows * real
     picked = rows.gather(4, selected.unsqueeze(1).expand(B, d, C, L, 1))
     kept = real & (torch.arange(k, device=index.device) != selected)  # [B, C, L, k]
     plane = ((pooled.unsqueeze(3) - window).reshape(B, -1), (picked - rows).reshape(B, d, -1), kept.reshape(B, -1))
