@@ -43,6 +43,8 @@ from ..math.box_support import support_min
 from ..math.norms import parse_norm
 from ..nn.adapters import adapter_of
 from ..nn.chain import AffineBlock, parse_model
+from ..nn.graph import ACT, MAXPOOL, Graph, parse_network
+from .graph_bounds import BoundedGraph, graph_margin_bounds, graph_node_bounds
 from .patch_bounds import PatchBacksub, PatchPlan, patch_plan
 from .prediction import reliably_correct
 
@@ -328,8 +330,8 @@ def _prepare(model, x, y, norm, eps, lo, hi):
     lo, hi = check_box(lo, hi)
     check_in_box(x, lo, hi)
     e = check_eps(eps, x)
-    net = BoundedNetwork(model, x)
-    x64 = x.detach().reshape(x.shape[0], -1).to(device=net.device, dtype=torch.float64)
+    net = BoundedGraph(model, x) if isinstance(parse_network(model), Graph) else BoundedNetwork(model, x)
+    x64 = x.detach().reshape(x.shape[0], -1).to(device=x.device, dtype=torch.float64)
     return net, x64, p, e, lo, hi
 
 
@@ -338,8 +340,12 @@ def layer_bounds(model: nn.Module, x: torch.Tensor, *, norm, eps, lo: float = 0.
                  ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Lower and upper bounds [B, n_k] (float64) on every hidden pre-activation over the input set
     {z : ||z - x||_p <= eps, lo <= z <= hi}, one pair per hidden layer, units in the layer's
-    flattening order."""
+    flattening order. For a graph network (docs/MATH.md §11): one pair per activation and per max
+    pooling, on the node it reads, in node order."""
     net, x64, p, e, lo, hi = _prepare(model, x, None, norm, eps, lo, hi)
+    if isinstance(net, BoundedGraph):
+        bounds = graph_node_bounds(net, x64, p, e, lo, hi)
+        return [bounds[node.inputs[0]] for node in net.graph.nodes if node.op in (ACT, MAXPOOL)]
     return hidden_bounds(net, x64, p, e, lo, hi)
 
 
@@ -384,11 +390,13 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, e
     """Lower bounds [B, K] (float64) on f_y(z) - f_s(z) over {||z - x||_p <= eps, lo <= z <= hi}.
 
     Args:
-        model: ``nn.Sequential`` of supported layers with ReLU / LeakyReLU (slope in [0, 1]).
+        model: a supported network (chain or graph) with ReLU / LeakyReLU (slope in [0, 1]).
         x: inputs [B, ...] in the box; y: int labels [B].
         norm: 1, 2 or inf. eps: radius (number or [B] tensor).
         alpha_steps: Adam steps optimising the lower ReLU slopes of the final bound (0: the
-            adaptive CROWN slopes only). The result is never worse than the adaptive one.
+            adaptive CROWN slopes only). The result is never worse than the adaptive one. Graph
+            networks (max pooling, sums of branches; :mod:`.graph_bounds`) use the adaptive
+            slopes only.
         batch_size: samples processed together (memory only).
 
     Returns:
@@ -402,10 +410,13 @@ def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, e
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(alpha_lr, bool) or not isinstance(alpha_lr, Real) or not alpha_lr > 0:
         raise ValueError(f"alpha_lr must be a positive number, got {alpha_lr!r}")
-    y = y.to(net.device)
+    y = y.to(x64.device)
     out = []
     for start in range(0, x64.shape[0], batch_size):
         sl = slice(start, start + batch_size)
+        if isinstance(net, BoundedGraph):
+            out.append(graph_margin_bounds(net, x64[sl], y[sl], p, e[sl], lo, hi))
+            continue
         bounds = hidden_bounds(net, x64[sl], p, e[sl], lo, hi)
         out.append(network_margin_bounds(net, x64[sl], y[sl], p, e[sl], lo, hi, bounds, alpha_steps,
                                   float(alpha_lr)))
