@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +51,13 @@ class BoundedGraph:
         self.windows = {i: window_index(node.pool, self.shapes[node.inputs[0]], example.device)
                         for i, node in enumerate(self.graph.nodes) if node.op == MAXPOOL}
         self.num_classes = self.sizes[-1]
+        self.device = example.device
+
+    def forward(self, x: torch.Tensor) -> Tuple[list, torch.Tensor]:
+        """([], logits [B, K]) in float64 (the interface of the chain's BoundedNetwork.forward)."""
+        with torch.no_grad():
+            z = x.reshape((x.shape[0],) + self.shapes[0]).to(torch.float64)
+            return [], self.graph(z).reshape(x.shape[0], -1)
 
 
 def _affine_back(node, coef: torch.Tensor, in_shape) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -187,9 +194,11 @@ def graph_node_bounds(net: BoundedGraph, x: torch.Tensor, p: float, eps: torch.T
 
 
 def graph_margin_bounds(net: BoundedGraph, x: torch.Tensor, y: torch.Tensor, p: float, eps: torch.Tensor,
-                        lo: float, hi: float) -> torch.Tensor:
-    """Lower bounds [B, K] on f_y - f_s over the input set; +inf in column y."""
-    bounds = graph_node_bounds(net, x, p, eps, lo, hi)
+                        lo: float, hi: float, bounds: Optional[Dict[int, Bounds]] = None) -> torch.Tensor:
+    """Lower bounds [B, K] on f_y - f_s over the input set (from ``bounds`` of
+    :func:`graph_node_bounds` when given); +inf in column y."""
+    if bounds is None:
+        bounds = graph_node_bounds(net, x, p, eps, lo, hi)
     K = net.num_classes
     eye = torch.eye(K, dtype=torch.float64, device=x.device)
     spec = eye[y][:, None, :] - eye[None]

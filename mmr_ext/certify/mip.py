@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Real
@@ -40,7 +41,10 @@ from torch import nn
 from ..attacks import margins, project
 from ..checks import check_batch, check_box, check_eps, check_in_box, check_y
 from ..math.norms import parse_norm
+from ..nn.graph import Graph, parse_network
 from .bounds import BoundedNetwork, hidden_bounds, network_margin_bounds
+from .graph_bounds import BoundedGraph, graph_margin_bounds, graph_node_bounds
+from .graph_mip import GraphEncoder
 
 __all__ = ["MIPResult", "verify_mip"]
 
@@ -209,13 +213,18 @@ def _verify_point(net: BoundedNetwork, mats, x0: torch.Tensor, y: int, p: float,
         target = int(logits[0].scatter(0, yt, -math.inf).argmax())
         return MIPResult("falsified", x0[0].clone(), target, time.monotonic() - start,
                          "the clean point is misclassified")
-    bounds = hidden_bounds(net, x64, p, e, lo, hi)
-    lb = network_margin_bounds(net, x64, yt, p, e, lo, hi, bounds, 0, 0.1)[0]
+    if isinstance(net, BoundedGraph):
+        bounds = graph_node_bounds(net, x64, p, e, lo, hi)
+        lb = graph_margin_bounds(net, x64, yt, p, e, lo, hi, bounds)[0]
+    else:
+        bounds = hidden_bounds(net, x64, p, e, lo, hi)
+        lb = network_margin_bounds(net, x64, yt, p, e, lo, hi, bounds, 0, 0.1)[0]
     order = [int(s) for s in torch.argsort(lb) if int(s) != y and lb[s] <= 0]
     if not order:
         return MIPResult("verified", time=time.monotonic() - start,
                          message="bound propagation alone")
-    enc = _Encoder(net, mats, x64[0].cpu().numpy(), p, eps, lo, hi, bounds)
+    encoder = GraphEncoder if isinstance(net, BoundedGraph) else partial(_Encoder, mats=mats)
+    enc = encoder(net, x=x64[0].cpu().numpy(), p=p, eps=eps, lo=lo, hi=hi, bounds=bounds)
     result = MIPResult("verified")
     ties = []
     for s in order:
@@ -284,11 +293,13 @@ def verify_mip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps,
     """Exact robustness verdicts for every point of x in the l∞- or l1-ball of radius eps ∩ box.
 
     Args:
-        model: ``nn.Sequential`` ReLU / LeakyReLU network (see :mod:`mmr_ext.certify.bounds`).
+        model: a ReLU / LeakyReLU network, chain or graph (see :mod:`mmr_ext.certify.bounds`;
+            graph networks are encoded by :mod:`.graph_mip`).
         x: inputs [B, ...] in the box; y: int labels [B].
         norm: inf or 1. eps: radius (number or [B] tensor).
         time_limit: seconds per point (over all target classes).
-        workers: processes solving points in parallel (1: in this process).
+        workers: processes solving points in parallel (1: in this process; graph networks are
+            always solved in this process).
 
     Returns:
         One :class:`MIPResult` per point.
@@ -305,10 +316,11 @@ def verify_mip(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm, eps,
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
-    net = BoundedNetwork(model, x)
+    graph = isinstance(parse_network(model), Graph)
+    net = BoundedGraph(model, x) if graph else BoundedNetwork(model, x)
     x = x.detach()
-    if workers == 1 or x.shape[0] == 1:
-        mats = _sparse_blocks(net)
+    if graph or workers == 1 or x.shape[0] == 1:  # graph networks: in this process
+        mats = None if graph else _sparse_blocks(net)
         return [_verify_point(net, mats, x[i:i + 1], int(y[i]), p, float(e[i]), lo, hi,
                               float(time_limit)) for i in range(x.shape[0])]
     model64 = net.model.cpu()
