@@ -6,7 +6,8 @@ region's hidden units and dD the smallest box distance to a decision hyperplane;
 minimal adversarial norm when dD <= dB (Thm 3.1 of the MMR paper). A box distance is never below
 the unconstrained one |g| / ||w||_q, which the batched geometry has already computed for every
 unit. So the units are visited in ascending unconstrained distance, their rows built on demand
-(:class:`mmr_ext.geometry.PointRows`), until the best box distance found is below the next
+(:class:`mmr_ext.geometry.regions.PointRows`; for graph networks all rows of the point at once,
+:class:`mmr_ext.geometry.graph_reference.GraphPointRows`), until the best box distance found is below the next
 unconstrained distance (the early stop of the MMR paper, App. A.1; a relative allowance of
 1e-9 covers the rounding of the two computations). The result equals the dense search of
 :mod:`.neighbors` with ``neighbors=0`` up to rounding, without materialising the N x d rows.
@@ -19,7 +20,9 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from ..geometry.graph_reference import GraphPointRows
 from ..geometry.regions import PointRows
+from ..nn.graph import Graph, parse_network
 from ..math.norms import dual_exponent
 from .hyperplanes import distances, min_distance
 
@@ -36,7 +39,8 @@ def box_region_radius(model64: nn.Module, x: torch.Tensor, label: int, free: Dic
     ``free[p]`` [N]: the unconstrained distances from x to the hidden units' hyperplanes in norm p
     (the boundary distances of :func:`mmr_ext.geometry.compute_geometry`).
     """
-    rows = PointRows(model64, x)
+    network = parse_network(model64)
+    rows = GraphPointRows(network, x) if isinstance(network, Graph) else PointRows(model64, x)
     flat = rows.x.reshape(-1)
     W, c = rows.logits()
     others = torch.arange(W.shape[0], device=W.device) != label

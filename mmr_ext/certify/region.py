@@ -134,11 +134,11 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norms=(1, 2, 
     check_labels(y, B, K, x.device, name="y")
     y = y.long()
     box = check_certify_box(box, x64)
-    if graph and (box is not None or neighbors > 0):
-        warnings.warn("certify: for graph networks (max pooling, sums of branches) the box-aware search and the "
-                      "neighbouring-regions search are not implemented; the radii are the plain region "
-                      "certificates, which are sound, inside the box too (docs/MATH.md §11)", stacklevel=3)
-        box, neighbors = None, 0
+    if graph and neighbors > 0:
+        warnings.warn("certify: for graph networks (max pooling, sums of branches) the neighbouring-regions search "
+                      "is not implemented; the radii are those of each point's own region (docs/MATH.md §11)",
+                      stacklevel=3)
+        neighbors = 0
 
     from tqdm.auto import tqdm
 

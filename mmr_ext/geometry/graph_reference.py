@@ -73,7 +73,7 @@ def graph_hyperplanes(graph: Graph, x: torch.Tensor) -> Tuple[List[Plane], torch
             rows = node.block.linear(flat).reshape(B, d, -1)
         elif node.op == ACT:
             f, V = values[node.inputs[0]], tangents[node.inputs[0]]
-            planes.append((f.reshape(B, -1).abs(), V, None))
+            planes.append((f.reshape(B, -1), V, None))
             mask = activation_mask(f.detach(), node.slope)
             value, rows = f * mask, V * mask.reshape(B, 1, -1)
         elif node.op == MAXPOOL:
@@ -125,3 +125,35 @@ def graph_geometry(graph: Graph, x: torch.Tensor, qs: Sequence[float], labels: O
         args = (x[start:start + n], None if labels is None else labels[start:start + n])
         parts.append(checkpoint(one_pass, *args, use_reentrant=False) if torch.is_grad_enabled() else one_pass(*args))
     return concatenate(parts)
+
+
+class GraphPointRows:
+    """The hyperplanes ``{z : <w, z> + b = 0}`` of the linear region of one point of a graph network
+    (float64), in the order of the boundary distances of :func:`graph_geometry`, with the interface
+    of :class:`mmr_ext.geometry.regions.PointRows` (``x``, :meth:`units`, :meth:`logits`). All rows
+    are built at once (dense [N, d]): meant for one point of a small network at a time."""
+
+    def __init__(self, graph: Graph, x: torch.Tensor):
+        self.x = x.detach().to(torch.float64)[:1]
+        flat = self.x.reshape(-1)
+        with torch.no_grad():
+            planes, logits, V_logits = graph_hyperplanes(graph, self.x)
+        weights, values = [], []
+        for v, V, kept in planes:
+            rows = V[0].t()  # [n, d]
+            if kept is not None:
+                v, rows = v[:, kept[0]], rows[kept[0]]
+            weights.append(rows)
+            values.append(v[0])
+        self.weight = torch.cat(weights) if weights else flat.new_zeros((0, flat.numel()))
+        self.bias = (torch.cat(values) if values else flat.new_zeros(0)) - self.weight @ flat
+        self.logit_weight = V_logits[0].t()
+        self.logit_bias = logits[0] - self.logit_weight @ flat
+
+    def units(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rows [R, d] and offsets [R] of the hyperplanes with these indices."""
+        return self.weight[index], self.bias[index]
+
+    def logits(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The region's logits as an affine map: rows [K, d] and offsets [K]."""
+        return self.logit_weight, self.logit_bias

@@ -19,7 +19,7 @@ from ..math.norms import dual_exponent
 from ..native import row_distances
 
 
-Plane = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # |value| [B, n], rows [B, d, n], kept mask
+Plane = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # value [B, n], rows [B, d, n], kept mask
 
 
 def decision_geometry(logits: torch.Tensor, V_logits: torch.Tensor, labels: Optional[torch.Tensor]):
@@ -52,7 +52,7 @@ def _hidden_and_logits(chain: Chain, x: torch.Tensor):
 
 def plane_distances(planes: Sequence[Plane], qs: Sequence[float], native: bool = False) -> List[torch.Tensor]:
     """Per dual exponent in qs, the distances [B, N] to the hyperplanes of every group of ``planes``
-    (docs/MATH.md §2.2): a group is (|value| [B, n], rows [B, d, n], kept) where ``kept`` is None
+    (docs/MATH.md §2.2): a group is (value [B, n], rows [B, d, n], kept) where ``kept`` is None
     or a bool mask [B, n] with the same count per sample (the listed hyperplanes; the others are
     computed and dropped). ``native``: the norms come from the native kernel, all qs in one pass
     over each row, its backward touching only rows with a gradient."""
@@ -61,7 +61,7 @@ def plane_distances(planes: Sequence[Plane], qs: Sequence[float], native: bool =
         if native:
             dist = row_distances(v, V.transpose(1, 2), qs)[0]
         else:
-            dist = torch.stack([safe_distance(v, row_norms(V, q, dim=1)) for q in qs])
+            dist = torch.stack([safe_distance(v.abs(), row_norms(V, q, dim=1)) for q in qs])
         if kept is not None:
             dist = dist[:, kept].reshape(len(qs), v.shape[0], -1)
         for i in range(len(qs)):
@@ -95,7 +95,7 @@ def reference_geometry(chain: Chain, x: torch.Tensor, qs: Sequence[float], label
                        ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """(boundary, decision) for every dual exponent in qs, and the logits, by identity propagation."""
     hidden, logits, V_logits = _hidden_and_logits(chain, x)
-    return distances_of([(f.abs(), V, None) for f, V in hidden], logits, V_logits, qs, labels), logits
+    return distances_of([(f, V, None) for f, V in hidden], logits, V_logits, qs, labels), logits
 
 
 def region_distances_reference(model: nn.Module, x: torch.Tensor, p, labels: Optional[torch.Tensor] = None

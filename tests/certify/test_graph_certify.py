@@ -98,14 +98,19 @@ def test_radii_are_sound_and_exact_radii_are_attained(name):
     assert checked_exact > 0
 
 
-def test_box_and_neighbours_fall_back_to_the_plain_radius_with_a_warning():
+def test_box_radius_is_at_least_the_plain_one_and_neighbours_fall_back_with_a_warning():
     model, x = model_and_input("max_pool_cnn", batch=4, seed=6)
+    x = (x > 0.5).to(x.dtype)  # binary images: every coordinate on a face of the box
     y = model(x).argmax(1)
-    plain = mmr_ext.certify(model, x, y, norms=(2,))
-    with pytest.warns(UserWarning, match="box-aware search and the neighbouring-regions search are not implemented"):
-        boxed = mmr_ext.certify(model, x, y, norms=(2,), box=(0, 1), neighbors=2)
-    torch.testing.assert_close(boxed.radius[2.0], plain.radius[2.0], rtol=0, atol=0)
-    assert boxed.box is None and boxed.neighbors == 0
+    plain = mmr_ext.certify(model, x, y, norms=(1, 2, math.inf))
+    boxed = mmr_ext.certify(model, x, y, norms=(1, 2, math.inf), box=(0, 1))
+    for p in (1.0, 2.0, math.inf):
+        assert (boxed.radius[p] >= plain.radius[p]).all()
+    assert all((boxed.radius[p] > plain.radius[p]).any() for p in (1.0, math.inf))  # the box matters
+    with pytest.warns(UserWarning, match="neighbouring-regions search is not implemented"):
+        searched = mmr_ext.certify(model, x, y, norms=(2,), box=(0, 1), neighbors=2)
+    torch.testing.assert_close(searched.radius[2.0], boxed.radius[2.0], rtol=0, atol=0)
+    assert searched.neighbors == 0
 
 
 def test_universal_radius_of_a_graph_model():

@@ -67,13 +67,15 @@ def minimal_adversarial_norm(model, x, y, p, steps=14):
 @pytest.mark.parametrize("p", [1.0, math.inf])
 def test_certified_radius_never_exceeds_the_milp_minimal_norm(cls, p):
     model, x, y = model_and_points(cls, seed=11)
-    cert = mmr_ext.certify(model, x, y, norms=(p,))
+    plain = mmr_ext.certify(model, x, y, norms=(p,))
+    boxed = mmr_ext.certify(model, x, y, norms=(p,), box=(0, 1))  # the MILP's input set is in [0, 1]^d
     for i in range(x.shape[0]):
         lower, upper = minimal_adversarial_norm(model, x[i:i + 1], y[i:i + 1], p)
-        r = float(cert.radius[p][i])
-        assert r <= upper * (1 + 1e-9)
-        if bool(cert.exact[p][i]) and upper < math.inf:  # exact radii are the minimal norm
-            assert r >= lower * (1 - 1e-9) - 1e-9
+        for cert in (plain, boxed):
+            r = float(cert.radius[p][i])
+            assert r <= upper * (1 + 1e-9)
+        if bool(boxed.exact[p][i]) and upper < math.inf:  # exact box radii are the minimal norm
+            assert float(boxed.radius[p][i]) >= lower * (1 - 1e-9) - 1e-9
 
 
 @pytest.mark.parametrize("cls", [TinyPool, TinyResidual])

@@ -37,7 +37,8 @@ def jacobian_rows(fn, x):
 
 
 def brute_force_planes(graph, x):
-    """(|value|, rows) per activation and per max-pooling node, by autograd and loops over windows."""
+    """(value, rows) per activation (its signed pre-activation) and per max-pooling node (the gaps
+    selected minus other entry), by autograd and loops over windows."""
     values = graph.values(x)
     planes = []
     for node in graph.nodes:
@@ -47,7 +48,7 @@ def brute_force_planes(graph, x):
         rows = jacobian_rows(lambda z: graph.values(z)[i], x)
         a = values[i]
         if node.op == ACT:
-            planes.append((a.reshape(x.shape[0], -1).abs(), rows))
+            planes.append((a.reshape(x.shape[0], -1), rows))
             continue
         pool = node.pool
         (kh, kw), (sh, sw) = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
@@ -98,7 +99,7 @@ def test_rows_and_selection_hyperplanes_match_autograd(name):
         torch.testing.assert_close(V, eV, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(V_logits, jacobian_rows(model, x), rtol=1e-10, atol=1e-12)
-    assert all((v >= 0).all() for v, _, _ in planes)
+    assert all((v >= 0).all() for v, _, kept in planes if kept is not None)  # selected minus other entries
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
@@ -110,7 +111,7 @@ def test_region_distances_match_brute_force(name, p):
     expected = []
     for v, V in brute_force_planes(graph, x):
         norm = torch.linalg.vector_norm(V, ord=q, dim=1)  # zero rows (a window of inactive units): no hyperplane
-        expected.append(torch.where(norm > 0, v / norm, math.inf))
+        expected.append(torch.where(norm > 0, v.abs() / norm, math.inf))
     expected = torch.cat(expected, 1)
     boundary, decision = mmr_ext.region_distances(model, x, p)
     torch.testing.assert_close(boundary, expected, rtol=1e-10, atol=1e-12)

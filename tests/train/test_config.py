@@ -38,7 +38,7 @@ def test_demo_preset_and_overrides():
 
 @pytest.mark.parametrize("kw, argument", [
     (dict(mode="robust"), "mode"), (dict(dataset="imagenet"), "dataset"), (dict(dataset="mnist"), "data_dir"),
-    (dict(dataset="cifar10", data_dir="/nonexistent/dir"), "data_dir"), (dict(model="resnet"), "model"),
+    (dict(dataset="cifar10", data_dir="/nonexistent/dir"), "data_dir"), (dict(model="resnet50"), "model"),
     (dict(lam=[3.0]), "lam"), (dict(gamma=[1.0, -0.1]), "gamma"), (dict(eps=[1, 0.3]), "eps"),
     (dict(eps=[1, 0, 0.1]), "eps"), (dict(eps=[1, "x", 0.1]), "eps"), (dict(epochs=0), "epochs"),
     (dict(batch_size=2.5), "batch_size"), (dict(k_boundary=[0.2, 1.5]), "k_boundary"),
