@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.chain import activation_mask
 from ..nn.graph import ACT, AFFINE, INPUT, MAXPOOL, Graph, window_index
-from ..native import native_or_warn
 from .memory import MemoryBudget
 from .reference import Plane, concatenate, distances_of
 
@@ -112,11 +111,9 @@ def graph_geometry(graph: Graph, x: torch.Tensor, qs: Sequence[float], labels: O
     B = x.shape[0]
     n = budget.samples_per_pass(largest_rows(graph, x), B)
 
-    native = native_or_warn()
-
     def one_pass(xs, ys):
         planes, logits, V_logits = graph_hyperplanes(graph, xs)
-        return distances_of(planes, logits, V_logits, qs, ys, native), logits
+        return distances_of(planes, logits, V_logits, qs, ys), logits
 
     if n >= B:
         return one_pass(x, labels)

@@ -16,7 +16,6 @@ from ..nn.chain import Chain, activation_mask, parse_model
 from ..checks import check_input, check_labels
 from ..math.distances import row_norms, safe_distance
 from ..math.norms import dual_exponent
-from ..native import row_distances
 
 
 Plane = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # value [B, n], rows [B, d, n], kept mask
@@ -50,18 +49,14 @@ def _hidden_and_logits(chain: Chain, x: torch.Tensor):
     return hidden, logits.reshape(B, -1), V_logits
 
 
-def plane_distances(planes: Sequence[Plane], qs: Sequence[float], native: bool = False) -> List[torch.Tensor]:
+def plane_distances(planes: Sequence[Plane], qs: Sequence[float]) -> List[torch.Tensor]:
     """Per dual exponent in qs, the distances [B, N] to the hyperplanes of every group of ``planes``
     (docs/MATH.md §2.2): a group is (value [B, n], rows [B, d, n], kept) where ``kept`` is None
     or a bool mask [B, n] with the same count per sample (the listed hyperplanes; the others are
-    computed and dropped). ``native``: the norms come from the native kernel, all qs in one pass
-    over each row, its backward touching only rows with a gradient."""
+    computed and dropped)."""
     out: List[List[torch.Tensor]] = [[] for _ in qs]
     for v, V, kept in planes:
-        if native:
-            dist = row_distances(v, V.transpose(1, 2), qs)[0]
-        else:
-            dist = torch.stack([safe_distance(v.abs(), row_norms(V, q, dim=1)) for q in qs])
+        dist = torch.stack([safe_distance(v.abs(), row_norms(V, q, dim=1)) for q in qs])
         if kept is not None:
             dist = dist[:, kept].reshape(len(qs), v.shape[0], -1)
         for i in range(len(qs)):
@@ -70,14 +65,14 @@ def plane_distances(planes: Sequence[Plane], qs: Sequence[float], native: bool =
 
 
 def distances_of(planes: Sequence[Plane], logits: torch.Tensor, V_logits: torch.Tensor, qs: Sequence[float],
-                 labels: Optional[torch.Tensor], native: bool = False):
+                 labels: Optional[torch.Tensor]):
     """(boundary, decision) for every dual exponent in qs from the region's hyperplanes
     (:func:`plane_distances`) and the logits [B, K] with their rows [B, d, K] (docs/MATH.md §2)."""
     B = logits.shape[0]
     check_labels(labels, B, logits.shape[1], logits.device)
     c, margin, diff = decision_geometry(logits, V_logits, labels)
     out = []
-    for q, groups in zip(qs, plane_distances(planes, qs, native)):
+    for q, groups in zip(qs, plane_distances(planes, qs)):
         boundary = torch.cat(groups, dim=1) if groups else logits.new_zeros((B, 0))
         decision = safe_distance(margin, row_norms(diff, q, dim=1)).scatter(1, c[:, None], math.inf)
         out.append((boundary, decision))
