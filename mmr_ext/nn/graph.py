@@ -65,14 +65,6 @@ class Graph:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.values(x)[-1]
 
-    def consumers(self) -> Dict[int, List[int]]:
-        """node index -> indices of the nodes that read it."""
-        readers: Dict[int, List[int]] = {i: [] for i in range(len(self.nodes))}
-        for j, node in enumerate(self.nodes):
-            for i in node.inputs:
-                readers[i].append(j)
-        return readers
-
     def as_module(self) -> "GraphNetwork":
         """An ``nn.Module`` (of the same layers) that computes the graph; pickles without the
         model's class (e.g. for worker processes)."""
